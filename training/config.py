@@ -1,0 +1,267 @@
+"""Typed configuration: one frozen dataclass per component, named profiles, TOML in and out.
+
+A profile (``tiny``, ``edge``, ``paper``) fixes the model sizes and the
+training schedule of each component. A TOML file may override any field::
+
+    profile = "edge"
+    [classifier]
+    epochs = 20
+    [detector]
+    mask_ratio = 0.75
+
+The resolved configuration is written next to every run (``config.toml``) and
+inside every checkpoint, so a run can always be reproduced from its folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from runtime.preprocess import PreprocessConfig
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimisation schedule of one component (AdamW + cosine decay with warm-up)."""
+
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.5
+    grad_clip: float = 1.0
+    eval_every: int = 1
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Personalized mixture of experts (paper Eq. 9).
+
+    Each of ``num_experts`` experts is a timm backbone (``backbone`` with
+    ``backbone_kwargs``, ``in_chans=1``) plus a 2-layer MLP head with
+    ``head_hidden`` units. The gates score psi(x), the mean of the experts'
+    pooled features, with ``num_experts`` MLPs of ``gate_hidden`` units.
+    Loss = CE(mixture) + beta * ||gate params||^2 + gamma * H(gate weights).
+    """
+
+    backbone: str = "resnet18"
+    backbone_kwargs: dict = field(default_factory=dict)
+    num_experts: int = 3
+    head_hidden: int = 256
+    gate_hidden: int = 64
+    num_classes: int = 2
+    drop: float = 0.1
+    beta: float = 1e-4
+    gamma: float = 0.01
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """ViT masked autoencoder for detection (patch ``patch`` on a square image)."""
+
+    patch: int = 16
+    enc_depth: int = 12
+    enc_width: int = 512
+    enc_heads: int = 8
+    dec_depth: int = 8
+    dec_width: int = 512
+    dec_heads: int = 8
+    mlp_ratio: float = 4.0
+    mask_ratio: float = 0.75
+    mask_seed: int = 1234
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass(frozen=True)
+class DenoiserConfig:
+    """DDPM U-Net (4 down / 4 up DoubleConv blocks) and its linear schedule.
+
+    ``t_max_train`` limits the timesteps sampled in training to 1..t_max_train:
+    purification only ever starts from small t*, so the capacity goes where it
+    is used. 0 trains on the full 1..T range.
+    """
+
+    base_channels: int = 64
+    channel_mults: tuple[int, ...] = (1, 2, 4, 4)
+    time_dim: int = 256
+    num_steps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 2e-2
+    t_max_train: int = 0
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Everything that fixes the size of a run."""
+
+    name: str
+    preprocess: PreprocessConfig
+    classifier: ClassifierConfig
+    detector: DetectorConfig
+    denoiser: DenoiserConfig
+    seed: int = 0
+
+    @property
+    def image_size(self) -> int:
+        return self.preprocess.size
+
+
+COMPONENTS = ("classifier", "detector", "denoiser")
+
+
+def _profiles() -> dict[str, Profile]:
+    tiny = Profile(
+        name="tiny",
+        preprocess=PreprocessConfig(size=32),
+        classifier=ClassifierConfig(
+            backbone="resnet18",
+            backbone_kwargs={"channels": (8, 16, 32, 64)},
+            head_hidden=32,
+            gate_hidden=16,
+            optim=OptimConfig(epochs=2, batch_size=16, lr=2e-3),
+        ),
+        detector=DetectorConfig(
+            patch=8, enc_depth=2, enc_width=32, enc_heads=2, dec_depth=1, dec_width=32, dec_heads=2,
+            optim=OptimConfig(epochs=2, batch_size=16, lr=2e-3, weight_decay=0.05),
+        ),
+        denoiser=DenoiserConfig(
+            base_channels=8, channel_mults=(1, 2, 2, 2), time_dim=32, t_max_train=300,
+            optim=OptimConfig(epochs=2, batch_size=16, lr=2e-3),
+        ),
+    )
+    edge = Profile(
+        name="edge",
+        preprocess=PreprocessConfig(size=112),
+        classifier=ClassifierConfig(
+            backbone="resnet18",
+            backbone_kwargs={"channels": (16, 32, 64, 128)},
+            head_hidden=256,
+            gate_hidden=64,
+            optim=OptimConfig(epochs=14, batch_size=32, lr=2e-3, weight_decay=5e-4),
+        ),
+        detector=DetectorConfig(
+            patch=8, enc_depth=4, enc_width=128, enc_heads=4, dec_depth=2, dec_width=96, dec_heads=4,
+            optim=OptimConfig(epochs=30, batch_size=64, lr=1.5e-3, weight_decay=0.05, warmup_epochs=2),
+        ),
+        denoiser=DenoiserConfig(
+            base_channels=16, channel_mults=(1, 2, 4, 4), time_dim=64, t_max_train=300,
+            optim=OptimConfig(epochs=25, batch_size=32, lr=2e-3, weight_decay=0.0, warmup_epochs=1),
+        ),
+    )
+    paper = Profile(
+        name="paper",
+        preprocess=PreprocessConfig(size=224),
+        classifier=ClassifierConfig(
+            backbone="resnet18",
+            optim=OptimConfig(epochs=15, batch_size=32, lr=1e-3, weight_decay=5e-4),
+        ),
+        detector=DetectorConfig(optim=OptimConfig(epochs=100, batch_size=64, lr=1.5e-4, weight_decay=0.05)),
+        denoiser=DenoiserConfig(optim=OptimConfig(epochs=100, batch_size=32, lr=2e-4, weight_decay=0.0)),
+    )
+    return {p.name: p for p in (tiny, edge, paper)}
+
+
+PROFILES: dict[str, Profile] = _profiles()
+
+
+def get_profile(name: str) -> Profile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}") from None
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def _override(obj: Any, values: dict, where: str) -> Any:
+    """Return ``obj`` (a dataclass) with ``values`` applied, recursing into nested dataclasses."""
+    known = {f.name: f for f in fields(obj)}
+    changes = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ValueError(f"unknown setting {where}{key!r}; known: {sorted(known)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}{key} must be a table")
+            changes[key] = _override(current, value, f"{where}{key}.")
+        elif isinstance(current, tuple) and isinstance(value, list):
+            changes[key] = tuple(value)
+        else:
+            changes[key] = value
+    return replace(obj, **changes)
+
+
+def resolve(profile: str | Profile = "edge", overrides: dict | None = None) -> Profile:
+    """A profile by name, with a nested dict of overrides applied (as read from TOML)."""
+    base = get_profile(profile) if isinstance(profile, str) else profile
+    overrides = dict(overrides or {})
+    name = overrides.pop("profile", None)
+    if name is not None:
+        base = get_profile(name)
+    return _override(base, overrides, "")
+
+
+def load_toml(path: str | Path, profile: str | None = None) -> Profile:
+    """Read a TOML file of overrides (``profile = "edge"`` picks the base)."""
+    with open(path, "rb") as fh:
+        data = tomllib.load(fh)
+    if profile is not None and "profile" not in data:
+        data["profile"] = profile
+    return resolve(data.pop("profile", "edge"), data)
+
+
+def to_dict(profile: Profile) -> dict:
+    """Plain nested dict (tuples as lists) for JSON/TOML and checkpoints."""
+    return json.loads(json.dumps(dataclasses.asdict(profile)))
+
+
+def from_dict(data: dict) -> Profile:
+    """Inverse of :func:`to_dict`."""
+    data = dict(data)
+    return resolve(data.pop("name"), data)
+
+
+def dump_toml(profile: Profile) -> str:
+    """Serialise a resolved profile as TOML that :func:`load_toml` reads back."""
+    data = to_dict(profile)
+    lines = [f'profile = "{data.pop("name")}"']
+    lines += [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+
+    def table(prefix: str, d: dict) -> None:
+        scalars = {k: v for k, v in d.items() if not isinstance(v, dict) or k.endswith("kwargs")}
+        lines.append(f"\n[{prefix}]")
+        for k, v in scalars.items():
+            lines.append(f"{k} = {_toml_value(v)}")
+        for k, v in d.items():
+            if isinstance(v, dict) and not k.endswith("kwargs"):
+                table(f"{prefix}.{k}", v)
+
+    for k, v in data.items():
+        if isinstance(v, dict):
+            table(k, v)
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    if v is None:
+        raise ValueError("TOML has no null; leave the key out")
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")

@@ -1,0 +1,86 @@
+"""Training objectives, one per component. Each maps (model, batch, generator) to (loss, metrics).
+
+Randomness (masks, timesteps, noise) comes from the ``generator`` argument, so
+a step is exactly reproducible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from training.diffusion import GaussianDiffusion, to_diffusion_space
+from training.models.mae import MaskedAutoencoder, random_masks
+from training.models.moe import MixtureOfExperts
+
+
+def gate_l2(model: MixtureOfExperts) -> torch.Tensor:
+    return sum(p.pow(2).sum() for p in model.gates.parameters())
+
+
+def moe_loss(model: MixtureOfExperts, x: torch.Tensor, y: torch.Tensor, beta: float, gamma: float):
+    """Paper Eq. 9: CE of the mixture + beta * L2(gate params) + gamma * entropy(gate weights)."""
+    out = model.forward_all(x)
+    ce = F.nll_loss(out["log_probs"], y)
+    w = out["gate_weights"]
+    entropy = -(w * w.clamp_min(1e-12).log()).sum(1).mean()
+    loss = ce + beta * gate_l2(model) + gamma * entropy
+    acc = (out["log_probs"].argmax(1) == y).float().mean()
+    return loss, {"ce": ce.item(), "gate_entropy": entropy.item(), "acc": acc.item()}
+
+
+def mae_loss(model: MaskedAutoencoder, x: torch.Tensor, mask: torch.Tensor):
+    """Mean squared error on the hidden patches only (pixel units, no per-patch normalisation)."""
+    err = model.patch_errors(x, mask)
+    loss = (err * mask).sum() / mask.sum()
+    return loss, {"mse_masked": loss.item()}
+
+
+def eps_loss(model, diffusion: GaussianDiffusion, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor):
+    """DDPM simple loss: || eps - eps_theta(q_sample(x0, t, eps), t) ||^2."""
+    x_t = diffusion.q_sample(to_diffusion_space(x), t, noise)
+    loss = F.mse_loss(model(x_t, t), noise)
+    return loss, {"eps_mse": loss.item()}
+
+
+@dataclass
+class ClassifierObjective:
+    beta: float
+    gamma: float
+
+    def __call__(self, model, x, y, generator):
+        return moe_loss(model, x, y, self.beta, self.gamma)
+
+
+@dataclass
+class DetectorObjective:
+    mask_ratio: float
+
+    def __call__(self, model, x, y, generator):
+        mask = random_masks(x.shape[0], model.num_patches, self.mask_ratio, generator).to(x.device)
+        return mae_loss(model, x, mask)
+
+
+@dataclass
+class DenoiserObjective:
+    diffusion: GaussianDiffusion
+    t_max: int
+
+    def __call__(self, model, x, y, generator):
+        n = x.shape[0]
+        t = torch.randint(1, self.t_max + 1, (n,), generator=generator).to(x.device)
+        noise = torch.randn(x.shape, generator=generator).to(x.device)
+        return eps_loss(model, self.diffusion, x, t, noise)
+
+
+def make_objective(component: str, profile):
+    if component == "classifier":
+        return ClassifierObjective(profile.classifier.beta, profile.classifier.gamma)
+    if component == "detector":
+        return DetectorObjective(profile.detector.mask_ratio)
+    if component == "denoiser":
+        d = profile.denoiser
+        return DenoiserObjective(GaussianDiffusion.from_config(d), d.t_max_train or d.num_steps)
+    raise ValueError(f"unknown component {component!r}")
