@@ -24,7 +24,7 @@ def cmd_train(args) -> int:
     profile = _profile(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_dataset(args.data, profile.preprocess, seed=profile.seed, skip_bad=args.skip_bad)
+    data = load_dataset(args.data, profile.preprocess, seed=profile.seed, skip_bad=args.skip_bad, progress=not args.quiet)
     print(data.summary())
     cfg_file = out / "config.toml"
     text = cfgmod.dump_toml(profile)

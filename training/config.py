@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from runtime.preprocess import PreprocessConfig
 
@@ -84,7 +85,10 @@ class DenoiserConfig:
 
     ``t_max_train`` limits the timesteps sampled in training to 1..t_max_train:
     purification only ever starts from small t*, so the capacity goes where it
-    is used. 0 trains on the full 1..T range.
+    is used. 0 trains on the full 1..T range. ``train_crop`` > 0 trains on
+    random square crops of that size (a multiple of 16): the network is fully
+    convolutional and purification still runs on whole scans, at a fraction
+    of the training cost.
     """
 
     base_channels: int = 64
@@ -94,6 +98,7 @@ class DenoiserConfig:
     beta_start: float = 1e-4
     beta_end: float = 2e-2
     t_max_train: int = 0
+    train_crop: int = 0
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -122,7 +127,7 @@ def _profiles() -> dict[str, Profile]:
         preprocess=PreprocessConfig(size=32),
         classifier=ClassifierConfig(
             backbone="resnet18",
-            backbone_kwargs={"channels": (8, 16, 32, 64)},
+            backbone_kwargs={"channels": [8, 16, 32, 64]},
             head_hidden=32,
             gate_hidden=16,
             optim=OptimConfig(epochs=2, batch_size=16, lr=2e-3),
@@ -141,18 +146,18 @@ def _profiles() -> dict[str, Profile]:
         preprocess=PreprocessConfig(size=112),
         classifier=ClassifierConfig(
             backbone="resnet18",
-            backbone_kwargs={"channels": (16, 32, 64, 128)},
+            backbone_kwargs={"channels": [16, 32, 64, 128]},
             head_hidden=256,
             gate_hidden=64,
-            optim=OptimConfig(epochs=14, batch_size=32, lr=2e-3, weight_decay=5e-4),
+            optim=OptimConfig(epochs=30, batch_size=32, lr=2e-3, weight_decay=5e-4),
         ),
         detector=DetectorConfig(
             patch=8, enc_depth=4, enc_width=128, enc_heads=4, dec_depth=2, dec_width=96, dec_heads=4,
             optim=OptimConfig(epochs=30, batch_size=64, lr=1.5e-3, weight_decay=0.05, warmup_epochs=2),
         ),
         denoiser=DenoiserConfig(
-            base_channels=16, channel_mults=(1, 2, 4, 4), time_dim=64, t_max_train=300,
-            optim=OptimConfig(epochs=25, batch_size=32, lr=2e-3, weight_decay=0.0, warmup_epochs=1),
+            base_channels=16, channel_mults=(1, 2, 4, 4), time_dim=64, t_max_train=300, train_crop=64,
+            optim=OptimConfig(epochs=20, batch_size=32, lr=2e-3, weight_decay=0.0, warmup_epochs=1),
         ),
     )
     paper = Profile(

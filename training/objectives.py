@@ -63,12 +63,24 @@ class DetectorObjective:
         return mae_loss(model, x, mask)
 
 
+def random_crop(x: torch.Tensor, size: int, generator: torch.Generator | None) -> torch.Tensor:
+    """One random ``size`` x ``size`` window of a batch ``[N, C, H, W]`` (the same window for the batch)."""
+    h, w = x.shape[-2:]
+    if size <= 0 or size >= min(h, w):
+        return x
+    i, j = (int(v) for v in torch.randint(0, 1 << 30, (2,), generator=generator))
+    i, j = i % (h - size + 1), j % (w - size + 1)
+    return x[..., i : i + size, j : j + size]
+
+
 @dataclass
 class DenoiserObjective:
     diffusion: GaussianDiffusion
     t_max: int
+    crop: int = 0
 
     def __call__(self, model, x, y, generator):
+        x = random_crop(x, self.crop, generator)
         n = x.shape[0]
         t = torch.randint(1, self.t_max + 1, (n,), generator=generator).to(x.device)
         noise = torch.randn(x.shape, generator=generator).to(x.device)
@@ -82,5 +94,5 @@ def make_objective(component: str, profile):
         return DetectorObjective(profile.detector.mask_ratio)
     if component == "denoiser":
         d = profile.denoiser
-        return DenoiserObjective(GaussianDiffusion.from_config(d), d.t_max_train or d.num_steps)
+        return DenoiserObjective(GaussianDiffusion.from_config(d), d.t_max_train or d.num_steps, d.train_crop)
     raise ValueError(f"unknown component {component!r}")

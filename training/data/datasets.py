@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 
 import runtime.imageio
 import runtime.preprocess
-
 from runtime.imageio import ImageReadError, list_images, read_image
 from runtime.preprocess import PreprocessConfig, preprocess
 from training.data import phantom
