@@ -160,5 +160,5 @@ def test_real_scans_preprocess():
 
 
 def test_runtime_does_not_import_torch():
-    code = "import sys, runtime.imageio, runtime.preprocess; sys.exit('torch' in sys.modules)"
+    code = "import sys, runtime.imageio, runtime.preprocess, runtime.schedule, runtime.cli; sys.exit('torch' in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

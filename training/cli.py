@@ -17,7 +17,16 @@ def _profile(args) -> cfgmod.Profile:
     return cfgmod.get_profile(args.profile)
 
 
+FED_FLAGS = {  # command-line flag -> FederatedConfig field
+    "method": "method", "sites": "sites", "rounds": "rounds", "local_epochs": "local_epochs",
+    "defense_rounds": "defense_rounds", "defense_local_epochs": "defense_local_epochs", "partition": "partition",
+    "proximal_mu": "proximal_mu", "adv_fraction": "adv_fraction", "eval_every": "eval_every", "eval_max": "eval_max",
+}
+
+
 def cmd_train(args) -> int:
+    if args.method is not None:
+        return cmd_federated(args)
     from training.data.datasets import load_dataset
     from training.train import train_component
 
@@ -41,6 +50,25 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_federated(args) -> int:
+    from training.data.partition import parse_scheme
+    from training.federated.run import run_federated
+
+    profile = _profile(args)
+    fed = {field: getattr(args, flag) for flag, field in FED_FLAGS.items() if getattr(args, flag) is not None}
+    for flag in ("fedbn", "purify_train"):
+        if getattr(args, flag):
+            fed[flag] = True
+    if "partition" in fed:
+        parse_scheme(fed["partition"])
+    profile = cfgmod.resolve(profile, {"federated": fed})
+    summary = run_federated(profile, args.data, args.out, resume=not args.no_resume,
+                            threads_per_site=args.threads_per_site, parallel_sites=args.parallel_sites)
+    print(f"\n{summary['method']}: mean clean accuracy {summary['mean_clean_acc']:.4f}, "
+          f"mean PGD accuracy {summary['mean_pgd_acc']:.4f} over {summary['sites']} sites -> {args.out}/summary.md")
+    return 0
+
+
 def cmd_synth(args) -> int:
     from training.data.phantom import write_dataset
 
@@ -61,7 +89,7 @@ def cmd_report(args) -> int:
 def cmd_demo(args) -> int:
     from training.demo import run_demo
 
-    return run_demo(args.out, profile=args.profile, n=args.n)
+    return run_demo(args.out, profile=args.profile, n=args.n, resume=args.resume)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +106,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-resume", action="store_true", help="start over even if the run folder has a checkpoint")
     t.add_argument("--skip-bad", action="store_true", help="skip unreadable images (they are listed) instead of stopping")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+    f = t.add_argument_group("federated training (any of these flags, with --method, runs a Flower simulation)")
+    f.add_argument("--method", choices=cfgmod.METHODS, help="federated method; leave out for centralised training")
+    f.add_argument("--sites", type=int, help="number of simulated sites")
+    f.add_argument("--rounds", type=int, help="rounds of the classifier phase")
+    f.add_argument("--local-epochs", type=int, help="local epochs per round (classifier)")
+    f.add_argument("--defense-rounds", type=int, help="rounds of the denoiser and detector phases (default: --rounds)")
+    f.add_argument("--defense-local-epochs", type=int, help="their local epochs (default: --local-epochs)")
+    f.add_argument("--partition", help="iid | dirichlet:ALPHA | quantity:ALPHA | profile")
+    f.add_argument("--fedbn", action="store_true", help="keep batch-norm statistics and affine parameters at the sites")
+    f.add_argument("--proximal-mu", type=float, help="FedProx term mu/2 ||w - w_global||^2 in every local objective")
+    f.add_argument("--adv-fraction", type=float, help="fraction of each batch trained adversarially (fat, pfeddef)")
+    f.add_argument("--purify-train", action="store_true", help="medfedpure: purify flagged training scans (Alg. 3)")
+    f.add_argument("--eval-every", type=int, help="evaluate every N rounds")
+    f.add_argument("--eval-max", type=int, help="at most N test scans per site in per-round evaluation (0: all)")
+    f.add_argument("--threads-per-site", type=int, default=1, help="torch threads per simulated site")
+    f.add_argument("--parallel-sites", type=int, help="sites trained at the same time (default: cores / threads)")
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("synth", help="write synthetic brain-MRI phantoms as PNG (class-per-folder)")
@@ -100,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job end to end on synthetic phantoms")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--profile", choices=sorted(cfgmod.PROFILES), default="tiny")
-    d.add_argument("--n", type=int, default=600, help="number of phantoms")
+    d.add_argument("--n", type=int, default=1200, help="number of phantoms")
+    d.add_argument("--resume", action="store_true", help="continue an interrupted demo instead of starting over")
     d.set_defaults(func=cmd_demo)
     return p
 
@@ -109,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ImageReadError, FileNotFoundError, ValueError) as err:
+    except (ImageReadError, FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

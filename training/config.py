@@ -103,6 +103,111 @@ class DenoiserConfig:
 
 
 @dataclass(frozen=True)
+class AttackConfig:
+    """PGD in [0, 1] pixel space (PROTOCOL.md): ``norm`` linf | l2, budget ``eps``, ``steps`` of size ``step``."""
+
+    norm: str = "linf"
+    eps: float = 0.015
+    step: float = 0.003
+    steps: int = 7
+    random_start: bool = True
+
+    def __post_init__(self):
+        if self.norm not in ("linf", "l2"):
+            raise ValueError(f"attack norm must be 'linf' or 'l2', got {self.norm!r}")
+        if self.eps < 0 or self.step < 0 or self.steps < 0:
+            raise ValueError("attack eps, step and steps must be non-negative")
+
+    def describe(self) -> str:
+        return f"PGD-{self.norm} eps={self.eps} step={self.step} steps={self.steps} random_start={self.random_start}"
+
+
+@dataclass(frozen=True)
+class DefenseConfig:
+    """detect -> purify if flagged -> classify (see ``training/defense.py``).
+
+    tau is the (1 - ``flag_rate``) quantile of clean validation scores. A
+    flagged scan is purified from t* = ``t_min`` (score at tau) rising linearly
+    to ``t_max`` (score at ``ref_ratio`` * tau), rounded to a multiple of
+    ``quantum``, with ``steps`` DDIM steps (0: every ancestral DDPM step).
+    """
+
+    flag_rate: float = 0.05
+    t_min: int = 50
+    t_max: int = 120
+    ref_ratio: float = 2.0
+    quantum: int = 10
+    steps: int = 10
+
+    def __post_init__(self):
+        if not 0.0 < self.flag_rate < 1.0:
+            raise ValueError(f"defense flag_rate must be in (0, 1), got {self.flag_rate}")
+        if not 1 <= self.t_min <= self.t_max:
+            raise ValueError(f"defense needs 1 <= t_min <= t_max, got {self.t_min}, {self.t_max}")
+        if self.ref_ratio <= 1.0 or self.quantum < 1 or self.steps < 0:
+            raise ValueError("defense needs ref_ratio > 1, quantum >= 1, steps >= 0")
+
+
+METHODS = ("local", "fedavg", "fat", "pfeddef", "medfedpure")
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    """A federated run (``python -m training train --method ...``).
+
+    ``method``: ``local`` (no federation), ``fedavg`` (one backbone, all shared),
+    ``fat`` (fedavg + PGD adversarial training), ``pfeddef`` (mixture of
+    experts with personal gates + adversarial training on a fraction
+    ``adv_fraction`` of each batch), ``medfedpure`` (mixture of experts with
+    personal gates, trained after a federated denoiser and detector).
+    ``defense_rounds`` / ``defense_local_epochs`` (0: as ``rounds`` /
+    ``local_epochs``) schedule the denoiser and detector phases. ``fedbn`` keeps
+    batch-norm at the sites; ``proximal_mu`` > 0 adds mu/2 ||w - w_global||^2
+    to every local objective. ``eval_max`` > 0 caps the test scans per site in
+    the per-round evaluation (0: all).
+    """
+
+    method: str = "medfedpure"
+    sites: int = 10
+    rounds: int = 20
+    local_epochs: int = 1
+    defense_rounds: int = 0
+    defense_local_epochs: int = 0
+    partition: str = "dirichlet:0.5"
+    fedbn: bool = False
+    proximal_mu: float = 0.0
+    adv_fraction: float = 0.5
+    purify_train: bool = False
+    eval_every: int = 1
+    eval_max: int = 0
+    train_attack: AttackConfig = field(default_factory=AttackConfig)
+    eval_attack: AttackConfig = field(default_factory=AttackConfig)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if self.sites < 1 or self.rounds < 1 or self.local_epochs < 1:
+            raise ValueError("sites, rounds and local_epochs must be >= 1")
+        if not 0.0 <= self.adv_fraction <= 1.0:
+            raise ValueError(f"adv_fraction must be in [0, 1], got {self.adv_fraction}")
+
+    @property
+    def phase_rounds(self) -> dict[str, int]:
+        d = self.defense_rounds or self.rounds
+        return {"denoiser": d, "detector": d, "classifier": self.rounds}
+
+    @property
+    def phase_epochs(self) -> dict[str, int]:
+        d = self.defense_local_epochs or self.local_epochs
+        return {"denoiser": d, "detector": d, "classifier": self.local_epochs}
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        """Training phases in order (the paper's: denoiser, detector, classifier)."""
+        return ("denoiser", "detector", "classifier") if self.method == "medfedpure" else ("classifier",)
+
+
+@dataclass(frozen=True)
 class Profile:
     """Everything that fixes the size of a run."""
 
@@ -111,6 +216,8 @@ class Profile:
     classifier: ClassifierConfig
     detector: DetectorConfig
     denoiser: DenoiserConfig
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
     seed: int = 0
 
     @property
@@ -140,6 +247,10 @@ def _profiles() -> dict[str, Profile]:
             base_channels=8, channel_mults=(1, 2, 2, 2), time_dim=32, t_max_train=300,
             optim=OptimConfig(epochs=2, batch_size=16, lr=2e-3),
         ),
+        defense=DefenseConfig(steps=2),
+        federated=FederatedConfig(sites=3, rounds=2, partition="iid", eval_max=16,
+                                  train_attack=AttackConfig(steps=2, step=0.0075),
+                                  eval_attack=AttackConfig(steps=3, step=0.005)),
     )
     edge = Profile(
         name="edge",

@@ -1,4 +1,11 @@
-"""``make demo``: the main job end to end on the embedded default (synthetic phantoms, CPU, no download)."""
+"""``make demo``: the main job end to end on the embedded default (synthetic phantoms, CPU, no download).
+
+Synthetic brain-MRI phantoms from four scanner profiles -> four simulated
+hospitals, one scanner profile each (feature skew) -> federated training of
+the denoiser, the detector and the personalized mixture of experts on Flower
+-> per-site clean and PGD accuracy through the whole defense, a convergence
+plot and a summary. A few minutes on a 2-core CPU.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +13,29 @@ import time
 from pathlib import Path
 
 from training import config as cfgmod
-from training.data.datasets import load_dataset
-from training.report import write_report
-from training.train import train_component
+
+DEMO_OVERRIDES = {
+    "preprocess": {"size": 48},
+    "classifier": {"optim": {"lr": 3e-3, "batch_size": 32}},
+    "federated": {
+        "method": "medfedpure", "sites": 4, "partition": "profile", "rounds": 5, "local_epochs": 2,
+        "defense_rounds": 2, "defense_local_epochs": 2, "eval_max": 32,
+    },
+}
 
 
-def run_demo(out: str | Path, profile: str = "tiny", n: int = 600) -> int:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    prof = cfgmod.get_profile(profile)
-    if profile == "tiny":  # a few more epochs than the unit-test default, still about a minute
-        prof = cfgmod.resolve(prof, {c: {"optim": {"epochs": 6}} for c in cfgmod.COMPONENTS})
-    source = f"synth:{n}"
+def demo_profile(profile: str = "tiny") -> cfgmod.Profile:
+    return cfgmod.resolve(profile, DEMO_OVERRIDES)
+
+
+def run_demo(out: str | Path, profile: str = "tiny", n: int = 1200, resume: bool = False) -> int:
+    from training.federated.run import run_federated
+
+    prof = demo_profile(profile)
     t0 = time.perf_counter()
-    data = load_dataset(source, prof.preprocess, seed=prof.seed)
-    print(data.summary())
-    (out / "config.toml").write_text(cfgmod.dump_toml(prof))
-    (out / "data.txt").write_text(f"source = {source}\nsplit_digest = {data.digest}\n")
-    for comp in cfgmod.COMPONENTS:
-        train_component(comp, prof, data, out, resume=False)
-    md = write_report(out, source, quick=True)
-    print(f"\nreport: {md}  ({time.perf_counter() - t0:.0f} s in all)\n")
-    print(md.read_text())
+    summary = run_federated(prof, f"synth:{n}", out, resume=resume, threads_per_site=1)
+    md = Path(out) / "summary.md"
+    print(f"\n{md.read_text()}")
+    print(f"mean clean accuracy {summary['mean_clean_acc']:.3f}, mean PGD accuracy {summary['mean_pgd_acc']:.3f} "
+          f"over {summary['sites']} sites; {time.perf_counter() - t0:.0f} s in all; outputs in {out}/")
     return 0

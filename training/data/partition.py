@@ -220,6 +220,43 @@ def _by_profile(
     return parts
 
 
+def class_shares(parts: list[np.ndarray], labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """``[n_sites, n_classes]``: the fraction of each class that each site holds."""
+    labels = np.asarray(labels)
+    counts = np.stack([np.bincount(labels[p], minlength=n_classes)[:n_classes] for p in parts]).astype(float)
+    return counts / np.maximum(counts.sum(0, keepdims=True), 1.0)
+
+
+def partition_like(
+    labels: np.ndarray, shares: np.ndarray, seed: int = 0, groups: np.ndarray | None = None
+) -> list[np.ndarray]:
+    """Split another split (validation, test) so each site's label mix follows its training share.
+
+    ``shares`` ``[n_sites, n_classes]`` from :func:`class_shares`. Per class,
+    units (samples or whole groups) are shuffled and cut in proportion to the
+    sites' shares (largest remainder). Exhaustive and disjoint; unlike
+    :func:`partition`, a site may get no unit of a split when its shares are
+    tiny: its evaluation is then reported as missing, not invented.
+    """
+    labels = np.asarray(labels)
+    shares = np.asarray(shares, dtype=float)
+    n_sites = shares.shape[0]
+    unit_of, first = _units(len(labels), groups)
+    unit_labels = labels[first]
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 97]))
+    sites: list[list[int]] = [[] for _ in range(n_sites)]
+    for c in np.unique(unit_labels):
+        idx = rng.permutation(np.flatnonzero(unit_labels == c))
+        w = shares[:, c] if c < shares.shape[1] and shares[:, c].sum() > 0 else np.full(n_sites, 1.0)
+        exact = w / w.sum() * len(idx)
+        count = np.floor(exact).astype(int)
+        for k in np.argsort(-(exact - count), kind="stable")[: len(idx) - count.sum()]:
+            count[k] += 1
+        for s, chunk in zip(sites, np.split(idx, np.cumsum(count)[:-1])):
+            s.extend(chunk.tolist())
+    return [np.flatnonzero(np.isin(unit_of, np.array(s, dtype=np.int64))) for s in sites]
+
+
 def describe(parts: list[np.ndarray], labels: np.ndarray, class_names: list[str]) -> str:
     """A text table of per-site class counts and totals, one row per site."""
     labels = np.asarray(labels)

@@ -1,0 +1,98 @@
+"""Federated training on Flower: partitions per split, what is shared, a whole simulated run, resume."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from training import config as C
+from training.data.partition import class_shares, partition, partition_like
+from training.federated import task
+
+
+def test_partition_like_follows_training_shares():
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 2, 600)
+    test = rng.integers(0, 2, 300)
+    parts = partition(train, 5, "dirichlet:0.5", seed=1)
+    shares = class_shares(parts, train, 2)
+    tparts = partition_like(test, shares, seed=1)
+    allidx = np.concatenate(tparts)
+    assert sorted(allidx.tolist()) == list(range(300))  # exhaustive and disjoint
+    got = class_shares(tparts, test, 2)
+    assert np.abs(got - shares).max() < 0.02  # within rounding of one scan per class
+
+
+def test_partition_like_keeps_groups_together():
+    labels = np.repeat([0, 1, 0, 1], 5)
+    groups = np.repeat(np.arange(4), 5)
+    parts = partition_like(labels, np.array([[0.5, 0.5], [0.5, 0.5]]), groups=groups)
+    for g in range(4):
+        assert sum(np.isin(np.flatnonzero(groups == g), p).any() for p in parts) == 1
+
+
+@pytest.mark.parametrize("method", C.METHODS)
+def test_shared_and_local_keys(method):
+    p = C.resolve("tiny", {"federated": {"method": method}})
+    model = task.build_model("classifier", p)
+    keys = set(model.state_dict())
+    local = task.local_keys("classifier", model, p)
+    shared = set(task.shared_keys("classifier", model, p))
+    assert local | shared == keys and not local & shared
+    if method == "local":
+        assert not shared
+    elif method in ("pfeddef", "medfedpure"):
+        assert local == {k for k in keys if k.startswith("gates.")}
+        assert len(model.experts) == 3
+    else:
+        assert not local and len(model.experts) == 1
+    fedbn = C.resolve(p, {"federated": {"fedbn": True}})
+    if method != "local":
+        assert any("bn" in k or "running_mean" in k for k in task.local_keys("classifier", model, fedbn))
+
+
+def test_adversarial_local_training_runs_and_learns_nothing_from_labels_at_eval():
+    p = C.resolve("tiny", {"federated": {"method": "pfeddef", "sites": 2, "partition": "iid", "adv_fraction": 0.5}})
+    data = task.site_data("synth:120", p, 0, 2)
+    model = task.build_model("classifier", p)
+    stats = task.local_train("classifier", model, data, p, 1)
+    assert stats["num-examples"] == len(data["train"]) and np.isfinite(stats["loss"])
+    ev = task.evaluate_site(model, data, p)
+    assert 0.0 <= ev["pgd_acc"] <= 1.0 and ev["num-examples"] == min(len(data["test"]), p.federated.eval_max)
+
+
+@pytest.mark.slow
+def test_simulated_medfedpure_run_personalizes_and_resumes(tmp_path, capsys):
+    from training.federated.run import run_federated
+
+    p = C.resolve("tiny", {"federated": {"method": "medfedpure", "sites": 2, "rounds": 2, "defense_rounds": 1,
+                                         "eval_max": 8}})
+    out = tmp_path / "run"
+    summary = run_federated(p, "synth:120", out, threads_per_site=1)
+    assert summary["sites"] == 2 and 0.0 <= summary["mean_clean_acc"] <= 1.0
+    for f in ("config.toml", "summary.json", "summary.md", "convergence.png", "metrics/rounds.csv",
+              "detector/best.pt", "denoiser/best.pt", "sites/site-0/classifier.pt", "sites/site-1/classifier.pt"):
+        assert (out / f).exists(), f
+    assert C.load_toml(out / "config.toml") == p
+    rows = [json.loads(line) for line in (out / "metrics" / "rounds.jsonl").read_text().splitlines()]
+    ev = [r for r in rows if r["phase"] == "classifier" and r["kind"] == "eval"]
+    assert sorted((r["round"], r["site"]) for r in ev) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert all("pgd_acc" in r and "flag_rate_clean" in r for r in ev)
+
+    # personalization: the experts are the same at both sites, the gates are each site's own
+    a = torch.load(out / "sites/site-0/classifier.pt", weights_only=False)
+    b = torch.load(out / "sites/site-1/classifier.pt", weights_only=False)
+    for k in a["model"]:
+        same = torch.equal(a["model"][k], b["model"][k])
+        assert same != k.startswith("gates."), k
+
+    # resume: forget the last classifier round; the same command redoes only that round
+    state = json.loads((out / "server/state.json").read_text())
+    state["classifier"] = 1
+    (out / "server/state.json").write_text(json.dumps(state))
+    capsys.readouterr()
+    run_federated(p, "synth:120", out, threads_per_site=1)
+    log = capsys.readouterr().out
+    assert "[classifier] round 2/2" in log
+    assert "[classifier] round 1/2" not in log and "[denoiser] round 1/1: training" not in log

@@ -1,0 +1,183 @@
+"""Flower ClientApp: one hospital. Scans never leave this process; only model arrays do.
+
+Messages from the ServerApp carry, in their ``config`` record, the phase
+(``denoiser`` | ``detector`` | ``classifier``), the resolved profile (JSON)
+and, in simulation, the data source and run folder. The site finds its data:
+
+- **simulation**: ``node_config["partition-id"]`` / ``["num-partitions"]``
+  pick its part of the shared data source; its state lives in
+  ``RUN/sites/site-<k>/``;
+- **a real site** (``flower-supernode --node-config``): ``data-dir`` is the
+  site's own folder (Br35H layout or one sub-folder per class), ``state-dir``
+  where it keeps its personal state (default ``<data-dir>/../medfedpure-state``),
+  ``threads`` the CPU threads torch may use.
+
+Personal state (the gates, and batch-norm with FedBN; everything for
+``local``) is kept in ``context.state`` and on disk as
+``<state-dir>/<phase>-local-round<r>.pt``, so a restarted site continues with
+its own gates. The personalized classifier (shared experts + own gates) is
+written to ``<state-dir>/classifier.pt`` after every evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from training import config as cfgmod
+from training.checkpoint import save_checkpoint
+from training.federated import task
+
+app = ClientApp()
+
+
+# --------------------------------------------------------------------------- where the site is
+
+
+def _site(context: Context, cfg: ConfigRecord) -> tuple[str, int | None, int | None, Path]:
+    """(data source, site index or None, number of sites or None, state folder)."""
+    nc = context.node_config
+    if "data-dir" in nc:
+        data_dir = Path(str(nc["data-dir"])).expanduser()
+        state = Path(str(nc.get("state-dir", data_dir.parent / "medfedpure-state"))).expanduser()
+        return str(data_dir), None, None, state
+    if "partition-id" not in nc:
+        raise ValueError("this SuperNode has no data: start it with --node-config \"data-dir='/path/to/scans'\"")
+    k, n = int(nc["partition-id"]), int(nc["num-partitions"])
+    return str(cfg["data"]), k, n, Path(str(cfg["run-dir"])) / "sites" / f"site-{k}"
+
+
+def _threads(context: Context, cfg: ConfigRecord) -> None:
+    n = int(context.node_config.get("threads", cfg.get("threads-per-site", 0)) or 0)
+    if n > 0 and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def _profile(cfg: ConfigRecord) -> cfgmod.Profile:
+    return cfgmod.from_dict(json.loads(str(cfg["profile"])))
+
+
+# --------------------------------------------------------------------------- personal state
+
+
+def _local_file(state_dir: Path, phase: str, rnd: int) -> Path:
+    return state_dir / f"{phase}-local-round{rnd}.pt"
+
+
+def _load_local(context: Context, state_dir: Path, phase: str, rnd: int) -> dict[str, torch.Tensor] | None:
+    """The site's personal arrays as they were after round ``rnd`` (memory first, then disk)."""
+    if rnd < 1:
+        return None
+    meta = context.state.get(f"{phase}.local.meta")
+    if meta is not None and int(meta["round"]) == rnd:
+        return context.state[f"{phase}.local"].to_torch_state_dict()
+    f = _local_file(state_dir, phase, rnd)
+    if f.exists():
+        return torch.load(f, map_location="cpu", weights_only=True)
+    return None
+
+
+def _save_local(context: Context, state_dir: Path, phase: str, rnd: int, local: dict[str, torch.Tensor]) -> None:
+    context.state[f"{phase}.local"] = ArrayRecord(local)
+    context.state[f"{phase}.local.meta"] = ConfigRecord({"round": rnd})
+    state_dir.mkdir(parents=True, exist_ok=True)
+    f = _local_file(state_dir, phase, rnd)
+    tmp = f.with_suffix(".tmp")
+    torch.save(local, tmp)
+    os.replace(tmp, f)
+    for old in state_dir.glob(f"{phase}-local-round*.pt"):  # keep this round and the one before (resume)
+        r = int(old.stem.rsplit("round", 1)[1])
+        if r < rnd - 1:
+            old.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- model assembly
+
+
+def _assemble(phase: str, profile, msg: Message, local: dict | None):
+    model = task.build_model(phase, profile)
+    keys = task.local_keys(phase, model, profile)
+    state = model.state_dict()
+    shared = msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content else {}
+    state.update({k: v for k, v in shared.items() if k in state})
+    if local:
+        state.update({k: v for k, v in local.items() if k in keys})
+    model.load_state_dict(state)
+    return model, keys
+
+
+def _defense(msg: Message, profile, classifier, data: task.SiteData):
+    """The site's pipeline from the global detector and denoiser carried by the message (MedFedPure)."""
+    if "detector" not in msg.content or "denoiser" not in msg.content:
+        return None
+    parts = {}
+    for name in ("detector", "denoiser"):
+        m = task.build_model(name, profile)
+        m.load_state_dict(msg.content[name].to_torch_state_dict())
+        parts[name] = m.eval()
+    return task.make_defense(classifier, parts["detector"], parts["denoiser"], profile, data["val"])
+
+
+def _metrics(values: dict, site: int) -> MetricRecord:
+    clean = {k: (float(v) if isinstance(v, float) else int(v)) for k, v in values.items() if isinstance(v, (int, float))}
+    clean["site"] = site
+    return MetricRecord(clean)
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = msg.content["config"]
+    _threads(context, cfg)
+    phase, rnd = str(cfg["phase"]), int(cfg["server-round"])
+    profile = _profile(cfg)
+    source, k, n, state_dir = _site(context, cfg)
+    data = task.site_data(source, profile, k, n)
+    local = _load_local(context, state_dir, phase, rnd - 1)
+    model, keys = _assemble(phase, profile, msg, local)
+    defense = _defense(msg, profile, model, data) if phase == "classifier" else None
+    global_shared = {k2: v.clone() for k2, v in model.state_dict().items() if k2 not in keys}
+    stats = task.local_train(phase, model, data, profile, rnd, defense=defense, global_shared=global_shared)
+    state = model.state_dict()
+    _save_local(context, state_dir, phase, rnd, {k2: v for k2, v in state.items() if k2 in keys})
+    shared = {k2: v for k2, v in state.items() if k2 not in keys}
+    info = ConfigRecord({"split-digest": data.digest, "state-dir": str(state_dir)})
+    content = RecordDict({"arrays": ArrayRecord(shared), "metrics": _metrics(stats, data.site if k is not None else -1),
+                          "site-info": info})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg = msg.content["config"]
+    _threads(context, cfg)
+    phase, rnd = str(cfg["phase"]), int(cfg["server-round"])
+    profile = _profile(cfg)
+    source, k, n, state_dir = _site(context, cfg)
+    data = task.site_data(source, profile, k, n)
+    local = _load_local(context, state_dir, phase, rnd)
+    model, keys = _assemble(phase, profile, msg, local)
+    t0 = time.perf_counter()
+    if phase == "classifier":
+        defense = _defense(msg, profile, model, data)
+        values = task.evaluate_site(model, data, profile, defense)
+        save_checkpoint(
+            state_dir / "classifier.pt", component="classifier", model=model.state_dict(),
+            config=cfgmod.to_dict(task.classifier_profile(profile)), split_digest=data.digest,
+            class_names=data.class_names, metrics=values, epoch=rnd, site=data.site,
+            local_keys=sorted(keys), shared_source="federated",
+        )
+    else:
+        values = task.evaluate_phase(phase, model, data, profile)
+    values["eval_seconds"] = time.perf_counter() - t0
+    content = RecordDict({"metrics": _metrics(values, data.site if k is not None else -1)})
+    return Message(content=content, reply_to=msg)
+

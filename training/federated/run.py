@@ -1,0 +1,84 @@
+"""One command for a whole federated run, simulated on this machine (``flwr.simulation``).
+
+``python -m training train --method medfedpure --sites 10 --rounds R ...``
+prepares the run folder (resolved config, split digest, the partition table)
+and runs the ServerApp against N simulated sites. Running the same command
+again resumes from the last finished round.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from training import config as cfgmod
+from training.data.partition import describe
+
+
+def prepare_run(profile: cfgmod.Profile, data_source: str, out: str | Path, *, resume: bool = True,
+                log=print) -> Path:
+    """Write ``config.toml`` and ``data.txt``; refuse a folder that holds another configuration."""
+    from training.federated import task
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_file = out / "config.toml"
+    text = cfgmod.dump_toml(profile)
+    if cfg_file.exists() and cfg_file.read_text() != text:
+        if resume:
+            raise ValueError(f"{cfg_file} holds another configuration; use a new --out (or --no-resume to start over)")
+    if not resume:
+        for f in ("server/state.json", "metrics/rounds.jsonl"):
+            (out / f).unlink(missing_ok=True)
+    cfg_file.write_text(text)
+    data = task._dataset(data_source, profile.preprocess, profile.seed)
+    log(data.summary())
+    parts = task.site_partitions(data, profile)
+    for split in ("train", "test"):
+        log(f"\n{split} scans per site ({profile.federated.partition}):")
+        log(describe(parts[split], data[split].labels, data.class_names))
+    (out / "data.txt").write_text(f"source = {data_source}\nsplit_digest = {data.digest}\n")
+    return out
+
+
+def run_federated(profile: cfgmod.Profile, data_source: str, out: str | Path, *, resume: bool = True,
+                  threads_per_site: int = 1, parallel_sites: int | None = None, log=print) -> dict:
+    """Simulate ``profile.federated.sites`` sites; returns the run summary."""
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from training.federated.client_app import app as client_app
+    from training.federated.server_app import run_server
+
+    out = prepare_run(profile, data_source, out, resume=resume, log=log)
+    fed = profile.federated
+    cpus = os.cpu_count() or 1
+    parallel = max(1, min(parallel_sites or max(1, cpus // max(1, threads_per_site)), fed.sites))
+    result: dict = {}
+    errors: list[BaseException] = []
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        try:
+            result.update(run_server(grid, out, profile, data_source, threads_per_site, log=lambda s: print(s, flush=True)))
+        except BaseException as err:  # noqa: BLE001 - surfaced after the simulation stops
+            errors.append(err)
+            raise
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    log(f"\nsimulating {fed.sites} sites ({parallel} at a time, {threads_per_site} thread(s) each) -> {out}")
+    backend = {
+        "client_resources": {"num_cpus": max(1, cpus // parallel), "num_gpus": 0.0},
+        "init_args": {"num_cpus": cpus, "num_gpus": 0, "logging_level": "error", "log_to_driver": True,
+                      "include_dashboard": False},
+    }
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=fed.sites, backend_config=backend)
+    if errors:
+        raise errors[0]
+    if not result:
+        raise RuntimeError("the federated run stopped before it finished; run the same command again to resume")
+    return result

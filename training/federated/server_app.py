@@ -1,0 +1,270 @@
+"""Flower ServerApp: the three training phases, round by round, resumable.
+
+The round loop is the one of Flower's ``Strategy.start`` (configure_train ->
+send_and_receive -> aggregate_train -> configure_evaluate -> ...), written
+out so that every finished round is saved and a restarted run continues from
+the last one. Aggregation is the strategy's (FedAvg by default; see
+``strategies.py``); the server never sees a scan.
+
+Run folder::
+
+    RUN/config.toml                       resolved configuration (profile + federated)
+    RUN/server/state.json                 last finished round per phase
+    RUN/server/<phase>.pt                 global shared arrays after that round
+    RUN/metrics/rounds.jsonl | .csv       per round, per site: train and evaluation figures
+    RUN/{denoiser,detector}/best.pt       global models, in the centralised checkpoint format
+    RUN/sites/site-<k>/classifier.pt      site k's classifier (shared experts + its gates)
+    RUN/convergence.png, RUN/summary.json | .md
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.serverapp import Grid, ServerApp
+
+from training import config as cfgmod
+from training.checkpoint import save_checkpoint
+from training.federated import task
+from training.federated.strategies import make_strategy
+
+ROUND_TIMEOUT = 24 * 3600.0
+
+
+class RunState:
+    """``RUN/server/state.json``: the last finished round of every phase."""
+
+    def __init__(self, run_dir: Path):
+        self.file = run_dir / "server" / "state.json"
+        self.data = json.loads(self.file.read_text()) if self.file.exists() else {}
+
+    def done(self, phase: str) -> int:
+        return int(self.data.get(phase, 0))
+
+    def mark(self, phase: str, rnd: int) -> None:
+        self.data[phase] = rnd
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        os.replace(tmp, self.file)
+
+
+def _save_arrays(path: Path, arrays: ArrayRecord) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(arrays.to_torch_state_dict(), tmp)
+    os.replace(tmp, path)
+
+
+def _append_rows(run_dir: Path, rows: list[dict]) -> None:
+    mdir = run_dir / "metrics"
+    mdir.mkdir(parents=True, exist_ok=True)
+    with open(mdir / "rounds.jsonl", "a") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    f = Path(run_dir) / "metrics" / "rounds.jsonl"
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+
+
+def write_csv(run_dir: Path) -> Path:
+    rows = read_rows(run_dir)
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    out = Path(run_dir) / "metrics" / "rounds.csv"
+    with open(out, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    return out
+
+
+def _rows_from(replies: list[Message], base: dict) -> list[dict]:
+    rows = []
+    for m in replies:
+        if m.has_error():
+            continue
+        metrics = dict(next(iter(m.content.metric_records.values())))
+        row = {**base, "node": int(m.metadata.src_node_id), **metrics}
+        row["site"] = int(row.get("site", -1))
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["site"], r["node"]))
+
+
+def _nanmean(rows: list[dict], key: str) -> float:
+    vals = [r[key] for r in rows if key in r and isinstance(r[key], (int, float)) and not math.isnan(r[key])]
+    w = [r.get("num-examples", 1) for r in rows if key in r and isinstance(r[key], (int, float)) and not math.isnan(r[key])]
+    return float(np.average(vals, weights=w)) if vals and sum(w) > 0 else float("nan")
+
+
+def _check(replies: list[Message], expected: int, what: str, log) -> list[Message]:
+    ok = [m for m in replies if not m.has_error()]
+    for m in replies:
+        if m.has_error():
+            log(f"  site node {m.metadata.src_node_id} failed in {what}: {m.error.reason}")
+    if not ok:
+        raise RuntimeError(f"every site failed in {what}; see the messages above")
+    if len(ok) < expected:
+        log(f"  warning: {len(ok)} of {expected} sites answered in {what}")
+    return ok
+
+
+def run_server(grid: Grid, run_dir: str | Path, profile: cfgmod.Profile, data_source: str = "",
+               threads_per_site: int = 0, log=print) -> dict:
+    """Train every phase of ``profile.federated`` over the sites of ``grid``; returns the summary."""
+    run_dir = Path(run_dir)
+    fed = profile.federated
+    state = RunState(run_dir)
+    profile_json = json.dumps(cfgmod.to_dict(profile))
+    globals_: dict[str, ArrayRecord] = {}
+    t_run = time.perf_counter()
+    for phase in fed.phases:
+        rounds = fed.phase_rounds[phase]
+        model = task.build_model(phase, profile)
+        shared = task.shared_keys(phase, model, profile)
+        arrays = ArrayRecord({k: v for k, v in model.state_dict().items() if k in shared})
+        done = state.done(phase)
+        if done:
+            arrays = ArrayRecord(torch.load(run_dir / "server" / f"{phase}.pt", map_location="cpu", weights_only=True))
+            if done >= rounds:
+                log(f"[{phase}] all {rounds} rounds already done")
+        strategy = make_strategy(phase, profile, grid_sites=fed.sites)
+        extra = {}
+        if phase == "classifier" and fed.method == "medfedpure":
+            extra = {name: globals_[name] for name in ("detector", "denoiser")}
+        base_cfg = {"phase": phase, "profile": profile_json, "data": data_source, "run-dir": str(run_dir.resolve()),
+                    "threads-per-site": int(threads_per_site)}
+        for rnd in range(done + 1, rounds + 1):
+            t0 = time.perf_counter()
+            log(f"[{phase}] round {rnd}/{rounds}: training at {fed.sites} sites ...")
+            msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(base_cfg)), grid))
+            for m in msgs:
+                for name, rec in extra.items():
+                    if fed.purify_train:
+                        m.content[name] = rec
+            replies = list(grid.send_and_receive(msgs, timeout=ROUND_TIMEOUT))
+            ok = _check(replies, len(msgs), f"{phase} round {rnd} training", log)
+            new_arrays, _ = strategy.aggregate_train(rnd, ok)
+            if new_arrays is None:
+                raise RuntimeError(f"{phase} round {rnd}: the strategy could not aggregate the sites' updates")
+            arrays = new_arrays
+            train_rows = _rows_from(ok, {"phase": phase, "round": rnd, "kind": "train", "method": fed.method})
+            rows = list(train_rows)
+            if rnd % fed.eval_every == 0 or rnd == rounds:
+                emsgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(base_cfg)), grid))
+                for m in emsgs:
+                    for name, rec in extra.items():
+                        m.content[name] = rec
+                ereplies = list(grid.send_and_receive(emsgs, timeout=ROUND_TIMEOUT))
+                eok = _check(ereplies, len(emsgs), f"{phase} round {rnd} evaluation", log)
+                eval_rows = _rows_from(eok, {"phase": phase, "round": rnd, "kind": "eval", "method": fed.method})
+                rows += eval_rows
+                log(f"[{phase}] round {rnd}/{rounds}: " + _round_line(phase, train_rows, eval_rows)
+                    + f" ({time.perf_counter() - t0:.0f} s)")
+            else:
+                log(f"[{phase}] round {rnd}/{rounds}: " + _round_line(phase, train_rows, []) + f" ({time.perf_counter() - t0:.0f} s)")
+            _append_rows(run_dir, rows)
+            _save_arrays(run_dir / "server" / f"{phase}.pt", arrays)
+            state.mark(phase, rnd)
+        globals_[phase] = arrays
+        if phase != "classifier":
+            _save_global(run_dir, phase, profile, arrays, model)
+    write_csv(run_dir)
+    summary = write_summary(run_dir, profile, time.perf_counter() - t_run)
+    return summary
+
+
+def _round_line(phase: str, train_rows: list[dict], eval_rows: list[dict]) -> str:
+    parts = [f"train loss {_nanmean(train_rows, 'loss'):.4f}"]
+    if phase == "classifier" and eval_rows:
+        parts.append(f"clean acc {_nanmean(eval_rows, 'clean_acc'):.3f}")
+        parts.append(f"PGD acc {_nanmean(eval_rows, 'pgd_acc'):.3f}")
+    elif eval_rows:
+        key = task.VAL_METRIC[phase][0]
+        parts.append(f"{key} {_nanmean(eval_rows, key):.5f}")
+    return ", ".join(parts)
+
+
+def _save_global(run_dir: Path, phase: str, profile: cfgmod.Profile, arrays: ArrayRecord, model) -> None:
+    """The federated detector / denoiser in the centralised checkpoint format (report, export read it)."""
+    state = model.state_dict()
+    state.update({k: v for k, v in arrays.to_torch_state_dict().items() if k in state})
+    digest = (run_dir / "data.txt").read_text().split("split_digest = ")[-1].strip() if (run_dir / "data.txt").exists() else ""
+    save_checkpoint(run_dir / phase / "best.pt", component=phase, model=state, config=cfgmod.to_dict(profile),
+                    split_digest=digest, class_names=[], metrics={}, epoch=profile.federated.phase_rounds[phase],
+                    step=0, best=None, history=[])
+
+
+def write_summary(run_dir: Path, profile: cfgmod.Profile, seconds: float) -> dict:
+    """``summary.json`` / ``summary.md``: final per-site figures and the convergence plot."""
+    from training.federated.plot import convergence_plot
+
+    rows = read_rows(run_dir)
+    fed = profile.federated
+    final = {}
+    for phase in fed.phases:
+        ev = [r for r in rows if r["phase"] == phase and r["kind"] == "eval"]
+        if not ev:
+            continue
+        last = max(r["round"] for r in ev)
+        final[phase] = [r for r in ev if r["round"] == last]
+    cls = final.get("classifier", [])
+    summary = {
+        "method": fed.method, "profile": profile.name, "sites": fed.sites, "rounds": fed.phase_rounds,
+        "local_epochs": fed.phase_epochs, "partition": fed.partition, "fedbn": fed.fedbn,
+        "eval_attack": cfgmod.to_dict(profile)["federated"]["eval_attack"],
+        "mean_clean_acc": _nanmean(cls, "clean_acc"), "mean_pgd_acc": _nanmean(cls, "pgd_acc"),
+        "per_site": [{k: r.get(k) for k in ("site", "num-examples", "clean_acc", "pgd_acc", "clean_acc_classifier",
+                                            "pgd_acc_classifier", "flag_rate_clean", "flag_rate_pgd", "tau") if k in r}
+                     for r in cls],
+        "wall_seconds_this_session": seconds,
+    }
+    for phase in ("denoiser", "detector"):
+        if phase in final:
+            key = task.VAL_METRIC[phase][0]
+            summary[f"{phase}_{key}"] = _nanmean(final[phase], key)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    plot = convergence_plot([run_dir], run_dir / "convergence.png")
+    lines = [f"# Federated run: {fed.method}", "",
+             f"{fed.sites} sites, partition `{fed.partition}`, profile `{profile.name}`, rounds {fed.phase_rounds}, "
+             f"local epochs {fed.phase_epochs}; PGD for evaluation: {profile.federated.eval_attack.describe()}", "",
+             f"Mean over sites (weighted by test scans): clean accuracy **{summary['mean_clean_acc']:.4f}**, "
+             f"PGD accuracy **{summary['mean_pgd_acc']:.4f}**", "",
+             "| site | test scans | clean acc | PGD acc | clean acc (classifier only) | PGD acc (classifier only) |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for r in summary["per_site"]:
+        lines.append(f"| {r['site']} | {r.get('num-examples', 0)} | {r.get('clean_acc', float('nan')):.4f} | "
+                     f"{r.get('pgd_acc', float('nan')):.4f} | {r.get('clean_acc_classifier', float('nan')):.4f} | "
+                     f"{r.get('pgd_acc_classifier', float('nan')):.4f} |")
+    if plot:
+        lines += ["", f"![convergence]({plot.name})"]
+    (run_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    return summary
+
+
+# --------------------------------------------------------------------------- the app for real deployments
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """``flwr run`` entry: ``run-config`` gives ``run-dir`` (a folder made by ``python -m training federate --prepare``)."""
+    rc = context.run_config
+    if "run-dir" not in rc:
+        raise ValueError("set run-config \"run-dir='/path/to/run'\" (prepared with: python -m training train ... --prepare-only)")
+    run_dir = Path(str(rc["run-dir"]))
+    profile = cfgmod.load_toml(run_dir / "config.toml")
+    run_server(grid, run_dir, profile, data_source="", log=lambda s: print(s, flush=True))
+

@@ -1,0 +1,312 @@
+"""What one site does in a federated round, in plain PyTorch (no Flower here).
+
+The Flower apps (``client_app.py``, ``server_app.py``) only move arrays and
+configuration; every computation on scans happens in this module, at the
+site that holds them.
+
+- :func:`site_data`: the site's own train / val / test scans. In simulation
+  the shared data set is partitioned (``partition``, by seed) and site k keeps
+  part k; a real site passes its own folder and uses all of it.
+- :func:`build_model` and :func:`shared_keys`: what is averaged across sites
+  and what stays at the site (the gates; batch-norm with FedBN; everything
+  for ``local``).
+- :func:`local_train`: E local epochs of one phase through the one training
+  loop (:func:`training.engine.train_one_epoch`), with the method's
+  additions: PGD adversarial training on a fraction of each batch (FAT,
+  pFedDef), purification of flagged scans (MedFedPure, Algorithm 3 lines
+  10-13), a proximal term (FedProx).
+- :func:`evaluate_site`: clean and PGD accuracy on the site's test scans;
+  for MedFedPure through the whole defense, with tau calibrated on the site's
+  own clean validation scans.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import zlib
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from training import config as cfgmod
+from training.attacks.pgd import pgd
+from training.data.augment import Augment
+from training.data.datasets import Dataset, Split, load_dataset
+from training.data.partition import class_shares, partition, partition_like
+from training.defense import DefensePipeline, calibrate_tau, t_star_of
+from training.diffusion import GaussianDiffusion
+from training.engine import batches, cosine_lr, train_one_epoch
+from training.models import create_model
+from training.models.moe import site_local_keys
+from training.objectives import make_objective
+from training.train import VAL_METRIC, detector_scores, evaluate
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class SiteData:
+    site: int
+    n_sites: int
+    class_names: list[str]
+    digest: str
+    splits: dict[str, Split]
+
+    def __getitem__(self, name: str) -> Split:
+        return self.splits[name]
+
+
+def subset(split: Split, idx: np.ndarray) -> Split:
+    return Split(
+        split.images[idx], split.labels[idx], split.groups[idx], [split.paths[i] for i in idx],
+        None if split.profiles is None else split.profiles[idx],
+        None if split.original_sizes is None else split.original_sizes[idx],
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset(source: str, preprocess: cfgmod.PreprocessConfig, seed: int) -> Dataset:
+    return load_dataset(source, preprocess, seed=seed, progress=False)
+
+
+def site_partitions(data: Dataset, profile: cfgmod.Profile) -> dict[str, list[np.ndarray]]:
+    """Index arrays per split and site: training by the profile's scheme, val/test following it.
+
+    With the ``profile`` scheme every split is partitioned by scanner profile;
+    otherwise val and test are dealt so that each site's label mix follows
+    its training share (:func:`partition_like`).
+    """
+    fed = profile.federated
+    tr = data["train"]
+    parts = {"train": partition(tr.labels, fed.sites, fed.partition, profile.seed, groups=tr.groups, profiles=tr.profiles)}
+    shares = class_shares(parts["train"], tr.labels, len(data.class_names))
+    for name in ("val", "test"):
+        s = data[name]
+        if fed.partition == "profile":
+            parts[name] = partition(s.labels, fed.sites, "profile", profile.seed, groups=s.groups, profiles=s.profiles, min_size=1)
+        else:
+            parts[name] = partition_like(s.labels, shares, profile.seed, groups=s.groups)
+    return parts
+
+
+def site_data(source: str, profile: cfgmod.Profile, site: int | None, n_sites: int | None) -> SiteData:
+    """Site ``site``'s part of ``source`` (simulation), or all of it when ``site`` is None (a real site)."""
+    data = _dataset(source, profile.preprocess, profile.seed)
+    if site is None:
+        return SiteData(0, 1, data.class_names, data.digest, dict(data.splits))
+    if n_sites != profile.federated.sites:
+        raise ValueError(f"{n_sites} simulated sites but the run is configured for {profile.federated.sites}")
+    parts = site_partitions(data, profile)
+    return SiteData(site, n_sites, data.class_names, data.digest, {s: subset(data[s], parts[s][site]) for s in SPLITS})
+
+
+# --------------------------------------------------------------------------- models and what is shared
+
+
+def classifier_profile(profile: cfgmod.Profile) -> cfgmod.Profile:
+    """``fedavg`` and ``fat`` train one backbone (a mixture of one expert is that backbone)."""
+    if profile.federated.method in ("fedavg", "fat"):
+        return replace(profile, classifier=replace(profile.classifier, num_experts=1))
+    return profile
+
+
+def build_model(phase: str, profile: cfgmod.Profile) -> nn.Module:
+    torch.manual_seed(profile.seed)  # identical initialisation at every site
+    if phase == "classifier":
+        return create_model("classifier", classifier_profile(profile))
+    return create_model(phase, profile)
+
+
+def local_keys(phase: str, model: nn.Module, profile: cfgmod.Profile) -> set[str]:
+    """State-dict keys that never leave the site in this phase."""
+    fed = profile.federated
+    keys = set(model.state_dict())
+    if fed.method == "local":
+        return keys
+    if phase != "classifier" or fed.method in ("fedavg", "fat"):
+        # One expert: its single gate weight is the constant 1, nothing to personalise.
+        return site_local_keys(model, keep_bn_local=True) - _gate_keys(keys) if fed.fedbn else set()
+    return site_local_keys(model, keep_bn_local=fed.fedbn)
+
+
+def _gate_keys(keys) -> set[str]:
+    return {k for k in keys if k.startswith("gates.")}
+
+
+def shared_keys(phase: str, model: nn.Module, profile: cfgmod.Profile) -> list[str]:
+    local = local_keys(phase, model, profile)
+    return [k for k in model.state_dict() if k not in local]
+
+
+# --------------------------------------------------------------------------- local training
+
+
+@dataclass
+class AdversarialObjective:
+    """PGD examples for a random fraction of each batch, crafted on the current model (eval mode)."""
+
+    base: object
+    attack: cfgmod.AttackConfig
+    fraction: float
+
+    def __call__(self, model, x, y, generator):
+        n_adv = int(round(self.fraction * x.shape[0]))
+        if n_adv > 0 and self.attack.steps > 0:
+            idx = torch.randperm(x.shape[0], generator=generator)[:n_adv]
+            was_training = model.training
+            model.eval()
+            x_adv = pgd(model, x[idx], y[idx], self.attack, generator)
+            model.train(was_training)
+            x = x.clone()
+            x[idx] = x_adv
+        return self.base(model, x, y, generator)
+
+
+@dataclass
+class PurifyingObjective:
+    """MedFedPure Algorithm 3, lines 10-13: scans the detector flags are purified before the step."""
+
+    base: object
+    defense: DefensePipeline
+
+    def __call__(self, model, x, y, generator):
+        with torch.no_grad():
+            scores = self.defense.score(x)
+            flagged = scores > self.defense.tau
+            if bool(flagged.any()):
+                t_star = torch.where(flagged, t_star_of(scores, self.defense.tau, self.defense.cfg), 0)
+                x = self.defense.purify_flagged(x, flagged, t_star, generator)
+        loss, metrics = self.base(model, x, y, generator)
+        return loss, {**metrics, "flagged": float(flagged.float().mean())}
+
+
+def proximal_term(model: nn.Module, reference: dict[str, torch.Tensor], mu: float):
+    """``extra_loss`` for FedProx: mu/2 * ||w - w_global||^2 over the shared parameters."""
+    params = [(p, reference[n]) for n, p in model.named_parameters() if n in reference]
+
+    def term(_model):
+        return 0.5 * mu * sum((p - r).pow(2).sum() for p, r in params)
+
+    return term
+
+
+def local_train(
+    phase: str,
+    model: nn.Module,
+    data: SiteData,
+    profile: cfgmod.Profile,
+    server_round: int,
+    *,
+    defense: DefensePipeline | None = None,
+    global_shared: dict[str, torch.Tensor] | None = None,
+    progress: bool = False,
+) -> dict:
+    """E local epochs of ``phase`` on the site's training scans; returns mean metrics and sample count."""
+    fed = profile.federated
+    opt = getattr(profile, phase).optim
+    epochs = fed.phase_epochs[phase]
+    rounds = fed.phase_rounds[phase]
+    train = data["train"]
+    steps_per_epoch = max(1, math.ceil(len(train) / opt.batch_size))
+    total = rounds * epochs * steps_per_epoch
+    start = (server_round - 1) * epochs * steps_per_epoch
+    warmup = max(1, int(opt.warmup_epochs * steps_per_epoch))
+
+    def lr_at(step: int) -> float:  # one cosine schedule over the whole run, as centrally
+        return cosine_lr(step, total, warmup, opt.lr)
+
+    objective = make_objective(phase, classifier_profile(profile))
+    if phase == "classifier" and fed.method in ("fat", "pfeddef") and fed.adv_fraction > 0:
+        objective = AdversarialObjective(objective, fed.train_attack, fed.adv_fraction)
+    if phase == "classifier" and fed.method == "medfedpure" and fed.purify_train and defense is not None:
+        objective = PurifyingObjective(objective, defense)
+    extra = proximal_term(model, global_shared, fed.proximal_mu) if fed.proximal_mu > 0 and global_shared else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{profile.seed}/{phase}/{data.site}/{server_round}".encode()))
+    bs = min(opt.batch_size, len(train))
+    sums: dict[str, float] = {}
+    step, seen = start, 0
+    for epoch in range(epochs):
+        stats = train_one_epoch(
+            model, batches(train.images, train.labels, bs, True, generator, drop_last=True),
+            objective, optimizer, generator=generator, augment=Augment(), lr_at=lr_at, start_step=step,
+            grad_clip=opt.grad_clip, extra_loss=extra, progress=progress,
+            desc=f"site {data.site} {phase} r{server_round} e{epoch + 1}/{epochs}",
+        )
+        step += stats["steps"]
+        seen += stats["samples"]
+        for k, v in stats.items():
+            if k not in ("steps", "samples", "seconds"):
+                sums[k] = sums.get(k, 0.0) + v * stats["samples"]
+        sums["seconds"] = sums.get("seconds", 0.0) + stats["seconds"]
+    out = {k: (v if k == "seconds" else v / max(seen, 1)) for k, v in sums.items()}
+    out["num-examples"] = len(train)
+    return out
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def make_defense(classifier, detector, denoiser, profile: cfgmod.Profile, val: Split) -> DefensePipeline:
+    """The site's pipeline, tau calibrated on its own clean validation scans."""
+    if len(val) == 0:
+        raise ValueError("the site has no validation scans to calibrate the detector threshold on")
+    scores = detector_scores(detector, val.images, profile)
+    tau = calibrate_tau(scores, profile.defense.flag_rate)
+    d = profile.detector
+    return DefensePipeline(classifier, detector, denoiser, GaussianDiffusion.from_config(profile.denoiser), tau,
+                           profile.defense, d.mask_ratio, d.mask_seed).eval()
+
+
+def evaluate_site(
+    model: nn.Module, data: SiteData, profile: cfgmod.Profile, defense: DefensePipeline | None = None,
+    batch_size: int = 32,
+) -> dict:
+    """Clean and paper-setting PGD accuracy on the site's test scans (capped at ``eval_max``).
+
+    The attack is PGD on the site's classifier (PROTOCOL.md, paper setting);
+    with a ``defense`` the clean and adversarial scans then go through the
+    whole pipeline, and the classifier-only figures are reported beside.
+    """
+    fed = profile.federated
+    test = data["test"]
+    n = len(test) if fed.eval_max <= 0 else min(len(test), fed.eval_max)
+    if n == 0:  # the same keys as always (Flower checks replies agree), no invented figure
+        keys = ["clean_acc", "pgd_acc", "clean_acc_classifier", "pgd_acc_classifier"]
+        keys += ["flag_rate_clean", "flag_rate_pgd", "tau"] if defense is not None else []
+        return {**{k: float("nan") for k in keys}, "num-examples": 0}
+    model.eval()
+    g = torch.Generator().manual_seed(profile.seed + 7919 * data.site)
+    hits = {"clean_acc": 0, "pgd_acc": 0, "clean_acc_classifier": 0, "pgd_acc_classifier": 0,
+            "flag_rate_clean": 0, "flag_rate_pgd": 0}
+    for x, y in batches(test.images[:n], test.labels[:n], batch_size, False):
+        x_adv = pgd(model, x, y, fed.eval_attack, g)
+        with torch.no_grad():
+            hits["clean_acc_classifier"] += int((model(x).argmax(1) == y).sum())
+            hits["pgd_acc_classifier"] += int((model(x_adv).argmax(1) == y).sum())
+            if defense is not None:
+                for name, xs in (("clean", x), ("pgd", x_adv)):
+                    out = defense.run(xs, g)
+                    hits[f"{name}_acc"] += int((out["probs"].argmax(1) == y).sum())
+                    hits[f"flag_rate_{name}"] += int(out["flagged"].sum())
+    if defense is None:
+        hits["clean_acc"], hits["pgd_acc"] = hits["clean_acc_classifier"], hits["pgd_acc_classifier"]
+        del hits["flag_rate_clean"], hits["flag_rate_pgd"]
+    out = {k: v / n for k, v in hits.items()}
+    if defense is not None:
+        out["tau"] = defense.tau
+    out["num-examples"] = n
+    return out
+
+
+def evaluate_phase(phase: str, model: nn.Module, data: SiteData, profile: cfgmod.Profile) -> dict:
+    """Validation figure of a defense phase on the site's clean validation scans."""
+    val = data["val"]
+    if len(val) == 0:
+        return {VAL_METRIC[phase][0]: float("nan"), "num-examples": 0}
+    out = evaluate(phase, model, val, profile)
+    out["num-examples"] = len(val)
+    return out
