@@ -96,3 +96,17 @@ def test_simulated_medfedpure_run_personalizes_and_resumes(tmp_path, capsys):
     log = capsys.readouterr().out
     assert "[classifier] round 2/2" in log
     assert "[classifier] round 1/2" not in log and "[denoiser] round 1/1: training" not in log
+
+
+def test_cli_rejects_bad_federated_input(tmp_path, capsys):
+    from training.cli import main
+
+    assert main(["train", "--method", "medfedpure", "--profile", "tiny", "--data", "synth:60",
+                 "--partition", "bogus:1", "--out", str(tmp_path / "a")]) == 2
+    assert "unknown partition scheme" in capsys.readouterr().err
+    assert main(["train", "--method", "fedavg", "--profile", "tiny", "--data", str(tmp_path / "nowhere"),
+                 "--out", str(tmp_path / "b")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert main(["train", "--method", "fedavg", "--profile", "tiny", "--data", "synth:60", "--sites", "0",
+                 "--out", str(tmp_path / "c")]) == 2
+    assert "sites" in capsys.readouterr().err

@@ -37,7 +37,7 @@ def cmd_train(args) -> int:
     print(data.summary())
     cfg_file = out / "config.toml"
     text = cfgmod.dump_toml(profile)
-    if cfg_file.exists() and cfg_file.read_text() != text and not args.no_resume:
+    if cfg_file.exists() and cfgmod.load_toml(cfg_file) != profile and not args.no_resume:
         print(f"error: {cfg_file} holds another configuration; use a new --out or --no-resume", file=sys.stderr)
         return 2
     cfg_file.write_text(text)
@@ -83,6 +83,19 @@ def cmd_report(args) -> int:
 
     md = write_report(args.run, args.data, out_dir=args.out, progress=not args.quiet, quick=args.quick)
     print(f"report written: {md}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from training.federated.plot import convergence_plot
+
+    for r in args.runs:
+        if not (Path(r) / "metrics" / "rounds.jsonl").exists():
+            raise FileNotFoundError(f"{r}: no federated metrics (metrics/rounds.jsonl) in this folder")
+    out = convergence_plot(args.runs, args.out)
+    if out is None:
+        raise ValueError("none of the runs has a classifier evaluation yet")
+    print(f"wrote {out} (and {out.with_suffix('.json').name})")
     return 0
 
 
@@ -140,6 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quick", action="store_true", help="fewer scans for the costly purification figures")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=cmd_report)
+
+    pl = sub.add_parser("plot", help="convergence plot of federated runs, one line per run (method)")
+    pl.add_argument("runs", nargs="+", help="federated run folders")
+    pl.add_argument("--out", required=True, help="PNG file")
+    pl.set_defaults(func=cmd_plot)
+
+    from training.federated import certs, deploy
+
+    certs.add_parser(sub)
+    deploy.add_parser(sub)
 
     d = sub.add_parser("demo", help="the main job end to end on synthetic phantoms")
     d.add_argument("--out", default="runs/demo")

@@ -16,9 +16,9 @@ from training import config as cfgmod
 
 DEMO_OVERRIDES = {
     "preprocess": {"size": 48},
-    "classifier": {"optim": {"lr": 3e-3, "batch_size": 32}},
+    "classifier": {"optim": {"lr": 3e-3, "batch_size": 16}},
     "federated": {
-        "method": "medfedpure", "sites": 4, "partition": "profile", "rounds": 5, "local_epochs": 2,
+        "method": "medfedpure", "sites": 4, "partition": "profile", "rounds": 5, "local_epochs": 3,
         "defense_rounds": 2, "defense_local_epochs": 2, "eval_max": 32,
     },
 }

@@ -102,7 +102,7 @@ def train_component(
     last = out / "last.pt"
     if resume and last.exists():
         ck = load_checkpoint(last)
-        if ck["config"] != cfgmod.to_dict(profile) or ck["split_digest"] != data.digest:
+        if cfgmod.from_dict(ck["config"]) != profile or ck["split_digest"] != data.digest:
             raise ValueError(f"{last} was trained with another configuration or data split; use a new --out or --no-resume")
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])

@@ -25,7 +25,7 @@ def prepare_run(profile: cfgmod.Profile, data_source: str, out: str | Path, *, r
     out.mkdir(parents=True, exist_ok=True)
     cfg_file = out / "config.toml"
     text = cfgmod.dump_toml(profile)
-    if cfg_file.exists() and cfg_file.read_text() != text:
+    if cfg_file.exists() and cfgmod.load_toml(cfg_file) != profile:
         if resume:
             raise ValueError(f"{cfg_file} holds another configuration; use a new --out (or --no-resume to start over)")
     if not resume:

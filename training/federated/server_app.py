@@ -98,6 +98,8 @@ def _rows_from(replies: list[Message], base: dict) -> list[dict]:
         metrics = dict(next(iter(m.content.metric_records.values())))
         row = {**base, "node": int(m.metadata.src_node_id), **metrics}
         row["site"] = int(row.get("site", -1))
+        if row["site"] < 0:  # a real site has no partition index: its node ID names it
+            row["site"] = row["node"]
         rows.append(row)
     return sorted(rows, key=lambda r: (r["site"], r["node"]))
 
@@ -260,11 +262,14 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """``flwr run`` entry: ``run-config`` gives ``run-dir`` (a folder made by ``python -m training federate --prepare``)."""
+    """``flwr run`` entry: ``run-config`` gives ``run-dir`` (a folder made by ``python -m training deploy-prepare``)."""
     rc = context.run_config
-    if "run-dir" not in rc:
-        raise ValueError("set run-config \"run-dir='/path/to/run'\" (prepared with: python -m training train ... --prepare-only)")
-    run_dir = Path(str(rc["run-dir"]))
+    if not str(rc.get("run-dir", "")).strip():
+        raise ValueError("set run-config \"run-dir='/path/to/run'\" (prepared with: python -m training deploy-prepare)")
+    run_dir = Path(str(rc["run-dir"])).expanduser()
+    if not (run_dir / "config.toml").is_file():
+        raise FileNotFoundError(f"{run_dir / 'config.toml'} not found on the SuperLink machine "
+                                "(prepare the run folder there with: python -m training deploy-prepare)")
     profile = cfgmod.load_toml(run_dir / "config.toml")
     run_server(grid, run_dir, profile, data_source="", log=lambda s: print(s, flush=True))
 

@@ -1,0 +1,335 @@
+"""Real sites on loopback: a SuperLink with TLS and SuperNode authentication, two registered sites,
+one round of the tiny profile started with ``flwr run``, and an unregistered site that is refused.
+
+Every process is started in its own session and carries a marker in its
+environment; the ``finally`` block stops the sessions (SIGTERM, then SIGKILL)
+and then any descendant that still carries the marker (the SuperLink starts
+its SuperExec detached, in a session of its own).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+EXECUTABLES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr")
+CONNECTION = "test-link"
+MARK = "MEDFEDPURE_DEPLOYMENT_TEST"
+
+
+def _which(name: str) -> str | None:
+    return shutil.which(name, path=os.pathsep.join([str(BIN), os.environ.get("PATH", "")]))
+
+
+MISSING = [name for name in EXECUTABLES if _which(name) is None]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(bool(MISSING), reason=f"Flower executables not found: {', '.join(MISSING)}"),
+    pytest.mark.skipif(sys.platform != "linux", reason="process clean-up reads /proc"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    if not path.exists():
+        return f"({path} missing)"
+    lines = path.read_text(errors="replace").splitlines()
+    return f"--- {path.name} (last {min(n, len(lines))} lines) ---\n" + "\n".join(lines[-n:])
+
+
+def _json_out(text: str):
+    """The JSON document in a command's output (the Flower CLI may print a line before it)."""
+    start = text.find("{")
+    end = text.rfind("}")
+    if start < 0 or end < start:
+        raise ValueError(f"no JSON in output:\n{text}")
+    return json.loads(text[start:end + 1])
+
+
+class Processes:
+    """Long-running processes of the test; each in its own session, each marked through its environment."""
+
+    def __init__(self, logs: Path):
+        self.logs = logs
+        logs.mkdir(parents=True, exist_ok=True)
+        self.tag = uuid.uuid4().hex
+        self.started: dict[str, subprocess.Popen] = {}
+
+    def env(self, flwr_home: Path) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "PATH": os.pathsep.join([str(BIN), env.get("PATH", "")]),
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+            "MEDFEDPURE_CACHE": str(self.logs.parent / "cache"),  # the sites' preprocessed-scan cache
+            MARK: self.tag,
+        })
+        flwr_home.mkdir(parents=True, exist_ok=True)
+        return env
+
+    def log(self, name: str) -> Path:
+        return self.logs / f"{name}.log"
+
+    def start(self, name: str, args: list[str], flwr_home: Path, cwd: Path, stderr_apart: bool = False) -> subprocess.Popen:
+        """Start ``args``; output to ``logs/<name>.log`` (stderr to ``<name>.err`` with ``stderr_apart``)."""
+        with contextlib.ExitStack() as files:
+            out = files.enter_context(open(self.log(name), "wb"))
+            err = files.enter_context(open(self.logs / f"{name}.err", "wb")) if stderr_apart else subprocess.STDOUT
+            proc = subprocess.Popen(args, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                    env=self.env(flwr_home), cwd=cwd, start_new_session=True)
+        self.started[name] = proc
+        return proc
+
+    def _marked(self) -> list[int]:
+        """Live processes (not this one) whose environment carries this test's marker."""
+        needle = f"{MARK}={self.tag}".encode()
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+        return pids
+
+    def stop_all(self, timeout: float = 20.0) -> list[str]:
+        """Stop everything started here; returns what had to be killed (for the report)."""
+        killed = []
+        for proc in reversed(list(self.started.values())):  # sites first, the SuperLink last
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for name, proc in self.started.items():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                killed.append(name)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever is left in its session
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # descendants outside the sessions
+            strays = self._marked()
+            for pid in strays:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
+            end = time.monotonic() + 10
+            while strays and time.monotonic() < end:
+                time.sleep(0.2)
+                strays = [p for p in self._marked() if p in strays and not _is_zombie(p)]
+            if not strays:
+                break
+            killed += [f"pid {p}" for p in strays]
+        return killed
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _wait_for(what: str, check, timeout: float, interval: float = 1.0, alive=(), diagnose=lambda: ""):
+    """Poll ``check()`` until it returns a truthy value; fail after ``timeout`` or when a process in ``alive`` exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        for name, proc in alive:
+            if proc.poll() is not None:
+                pytest.fail(f"{name} exited (code {proc.returncode}) while waiting for {what}\n{diagnose()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{diagnose()}")
+        time.sleep(interval)
+
+
+def _tls_ready(port: int, ca: Path) -> bool:
+    """A TLS handshake with the SuperLink succeeds, verifying its certificate (and the IP in it) against our CA."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+            with ctx.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+                return tls.version() is not None
+    except (OSError, ssl.SSLError):
+        return False
+
+
+def test_sites_over_tls_with_registered_supernodes_only(tmp_path):
+    from training import config as cfgmod
+    from training.data.phantom import write_dataset
+    from training.federated.certs import create_federation
+    from training.federated.deploy import prepare_deployment, run_command
+
+    t0 = time.monotonic()
+    procs = Processes(tmp_path / "logs")
+    cli_home = tmp_path / "cli-home"
+    cli_env = procs.env(cli_home)
+
+    def flwr(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([_which("flwr"), *args], capture_output=True, text=True, env=cli_env,
+                              cwd=tmp_path, timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def diagnose() -> str:
+        return "\n".join(_tail(procs.log(name)) for name in procs.started if name != "flwr-run")
+
+    try:
+        # ----------------------------------------------------------------- keys and certificates
+        fed = create_federation(tmp_path / "certs", sites=3)
+        registered, intruder = fed.sites[:2], fed.sites[2]
+
+        # ----------------------------------------------------------------- SuperLink: TLS + site authentication
+        port = _free_port()
+        link_dir = tmp_path / "superlink"
+        link_dir.mkdir()
+        link = procs.start("superlink", [
+            _which("flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
+            "--ssl-ca-certfile", str(fed.superlink_ca_cert), "--ssl-certfile", str(fed.server_cert),
+            "--ssl-keyfile", str(fed.server_key), "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation", "--database", str(link_dir / "state.db"),
+        ], flwr_home=link_dir / "flwr-home", cwd=link_dir)
+        _wait_for("the SuperLink to accept TLS connections", lambda: _tls_ready(port, fed.ca_cert), 60,
+                  interval=0.5, alive=[("superlink", link)], diagnose=diagnose)
+
+        (cli_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{port}"\nroot-certificates = "{fed.ca_cert.resolve()}"\n')
+
+        # ----------------------------------------------------------------- register two sites (not the third)
+        node_ids = {}
+        for site in registered:
+            res = flwr("supernode", "register", str(site.public_key), CONNECTION, "--name", site.name, "--format", "json")
+            assert res.returncode == 0, f"registering {site.name} failed:\n{res.stdout}\n{res.stderr}\n{diagnose()}"
+            out = _json_out(res.stdout)
+            assert out["success"], out
+            node_ids[site.name] = int(out["node-id"])
+
+        # ----------------------------------------------------------------- the sites, each with its own data folder
+        sites = {}
+        for k, site in enumerate(registered):
+            data_dir = tmp_path / site.name / "scans"
+            write_dataset(data_dir, 40, size=40, seed=11 + k, progress=False)
+            state_dir = tmp_path / site.name / "state"
+            sites[site.name] = state_dir
+            procs.start(site.name, [
+                _which("flower-supernode"), "--superlink", f"127.0.0.1:{port}",
+                "--root-certificates", str(site.ca_cert), "--auth-supernode-private-key", str(site.private_key),
+                "--port", str(_free_port()),
+                "--node-config", f"data-dir='{data_dir}' state-dir='{state_dir}' threads=1",
+            ], flwr_home=tmp_path / site.name / "flwr-home", cwd=tmp_path / site.name)
+
+        # ----------------------------------------------------------------- start the run at once
+        # (the ServerApp waits until the configured number of sites is connected)
+        profile = cfgmod.resolve("tiny", {"federated": {"method": "fedavg", "sites": 2, "rounds": 1,
+                                                        "local_epochs": 1, "eval_max": 8}})
+        run_dir = prepare_deployment(profile, tmp_path / "run")
+        cmd = run_command(run_dir, CONNECTION, app=ROOT, stream=False)
+        assert cmd[:2] == ["flwr", "run"]
+        launcher = procs.start("flwr-run", [_which("flwr"), *cmd[1:], "--format", "json"], flwr_home=cli_home,
+                               cwd=tmp_path, stderr_apart=True)
+
+        # ----------------------------------------------------------------- an unregistered site is refused
+        intruder_proc = procs.start("unregistered", [
+            _which("flower-supernode"), "--superlink", f"127.0.0.1:{port}",
+            "--root-certificates", str(intruder.ca_cert), "--auth-supernode-private-key", str(intruder.private_key),
+            "--port", str(_free_port()),
+            "--node-config", f"data-dir='{tmp_path / registered[0].name / 'scans'}' state-dir='{tmp_path / 'intruder'}'",
+        ], flwr_home=tmp_path / "intruder" / "flwr-home", cwd=tmp_path)
+        try:
+            code = intruder_proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the unregistered SuperNode was not refused within 90 s\n{diagnose()}")
+        refusal = procs.log("unregistered").read_text(errors="replace")
+        assert code != 0, f"the unregistered SuperNode exited with code {code}\n{refusal}"
+        assert "Exit Code: 305" in refusal and "Failed to activate SuperNode" in refusal, refusal
+        assert "No SuperNode found with the given public key" in procs.log("superlink").read_text(errors="replace")
+
+        # ----------------------------------------------------------------- both registered sites come online
+        def online() -> set[int] | None:
+            res = flwr("supernode", "list", CONNECTION, "--format", "json")
+            if res.returncode != 0:
+                return None
+            nodes = {int(n["node-id"]): n["status"] for n in _json_out(res.stdout)["nodes"]}
+            assert set(nodes) == set(node_ids.values()), f"unexpected SuperNodes at the SuperLink: {nodes}"
+            return set(nodes) if all(s == "online" for s in nodes.values()) else None
+
+        alive = [(name, procs.started[name]) for name in ("superlink", *sites)]
+        _wait_for("both registered SuperNodes to be online", online, 90, interval=2, alive=alive, diagnose=diagnose)
+
+        # ----------------------------------------------------------------- the run was accepted
+        try:
+            code = launcher.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"flwr run did not return within 120 s\n{diagnose()}")
+        launched = procs.log("flwr-run").read_text()
+        assert code == 0, f"flwr run failed:\n{launched}\n{(procs.logs / 'flwr-run.err').read_text()}\n{diagnose()}"
+        run_id = str(_json_out(launched)["run-id"])
+
+        def run_logs() -> str:
+            r = flwr("log", run_id, CONNECTION, "--show", timeout=30)
+            return f"--- flwr log {run_id} ---\n{r.stdout}{r.stderr}\n{diagnose()}"
+
+        def status() -> str:
+            r = flwr("list", CONNECTION, "--run-id", run_id, "--format", "json")
+            return _json_out(r.stdout)["runs"][0]["status"] if r.returncode == 0 else ""
+
+        last_check = [time.monotonic()]
+
+        def finished() -> str | None:
+            if (run_dir / "summary.json").exists():
+                return "summary"
+            if time.monotonic() - last_check[0] > 20:  # the CLI costs a second of CPU: ask it now and then
+                last_check[0] = time.monotonic()
+                s = status()
+                if s.startswith("finished"):
+                    return s
+            return None
+
+        how = _wait_for(f"run {run_id} to finish", finished, 240, interval=1, alive=alive, diagnose=run_logs)
+        final = _wait_for(f"run {run_id} to be reported finished", lambda: (s := status()).startswith("finished") and s,
+                          60, interval=2, diagnose=run_logs)
+        assert final == "finished:completed", f"{how}, {final}\n{run_logs()}"
+
+        # ----------------------------------------------------------------- what the run left behind
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["method"] == "fedavg" and summary["sites"] == 2
+        assert len(summary["per_site"]) == 2
+        rows = [json.loads(line) for line in (run_dir / "metrics" / "rounds.jsonl").read_text().splitlines() if line]
+        for kind in ("train", "eval"):
+            nodes = {r["node"] for r in rows if r["kind"] == kind and r["round"] == 1}
+            assert nodes == set(node_ids.values()), f"{kind} rows from {nodes}, expected {node_ids}"
+        assert json.loads((run_dir / "server" / "state.json").read_text()) == {"classifier": 1}
+        for name, state_dir in sites.items():
+            assert (state_dir / "classifier.pt").is_file(), f"{name} kept no classifier in {state_dir}"
+    finally:
+        killed = procs.stop_all()
+        print(f"deployment test: {time.monotonic() - t0:.0f} s; had to kill: {killed or 'nothing'}")
+    assert not procs._marked(), "processes of the test are still running"
