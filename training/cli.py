@@ -86,6 +86,23 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from training.attacks.adaptive import AdaptiveConfig
+    from training.evaluate import THREATS, evaluate_run
+
+    threats = THREATS if args.threat == "all" else (args.threat,)
+    adaptive = AdaptiveConfig(
+        attack=cfgmod.AttackConfig(eps=args.adaptive_eps, step=args.adaptive_step, steps=args.adaptive_steps),
+        eot=args.eot, gradient=args.gradient, attack_purify_steps=args.attack_purify_steps,
+    )
+    report = evaluate_run(args.run, threats, max_scans=args.max_scans, adaptive_max=args.adaptive_max,
+                          adaptive=adaptive, seed=args.seed, source=args.data)
+    print(f"\nwrote {args.run}/reports/robustness.md")
+    for k, v in report["mean"].items():
+        print(f"  {k:14s} accuracy {100 * v['acc']:.2f} % over {v['n']} scans")
+    return 0
+
+
 def cmd_plot(args) -> int:
     from training.federated.plot import convergence_plot
 
@@ -154,6 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=cmd_report)
 
+    e = sub.add_parser("evaluate", help="robustness of a trained run under PROTOCOL.md; writes RUN/reports/robustness.md")
+    e.add_argument("--run", required=True)
+    e.add_argument("--threat", choices=("paper", "adaptive", "transfer", "all"), default="paper")
+    e.add_argument("--data", help="data source (default: the one the run was trained on)")
+    e.add_argument("--max-scans", type=int, default=0, help="test scans per site (0: all)")
+    e.add_argument("--adaptive-max", type=int, default=64, help="test scans per site for the adaptive attack (0: all)")
+    e.add_argument("--adaptive-eps", type=float, default=0.015)
+    e.add_argument("--adaptive-step", type=float, default=0.003)
+    e.add_argument("--adaptive-steps", type=int, default=20)
+    e.add_argument("--eot", type=int, default=4, help="purification noise samples per adaptive step")
+    e.add_argument("--gradient", choices=("exact", "bpda"), default="exact")
+    e.add_argument("--attack-purify-steps", type=int, default=2, help="DDIM steps of the purification the attack differentiates")
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(func=cmd_evaluate)
+
     pl = sub.add_parser("plot", help="convergence plot of federated runs, one line per run (method)")
     pl.add_argument("runs", nargs="+", help="federated run folders")
     pl.add_argument("--out", required=True, help="PNG file")
@@ -166,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job end to end on synthetic phantoms")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--profile", choices=sorted(cfgmod.PROFILES), default="tiny")
+    d.add_argument("--profile", choices=sorted(cfgmod.PROFILES), default="demo")
     d.add_argument("--n", type=int, default=1200, help="number of phantoms")
     d.add_argument("--resume", action="store_true", help="continue an interrupted demo instead of starting over")
     d.set_defaults(func=cmd_demo)

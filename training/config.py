@@ -281,7 +281,18 @@ def _profiles() -> dict[str, Profile]:
         detector=DetectorConfig(optim=OptimConfig(epochs=100, batch_size=64, lr=1.5e-4, weight_decay=0.05)),
         denoiser=DenoiserConfig(optim=OptimConfig(epochs=100, batch_size=32, lr=2e-4, weight_decay=0.0)),
     )
-    return {p.name: p for p in (tiny, edge, paper)}
+    # The embedded default's profile (``make demo``): tiny models on 48 px phantoms, four sites with
+    # one scanner profile each, a few rounds; a few minutes on a 2-core CPU.
+    demo = replace(
+        tiny,
+        name="demo",
+        preprocess=PreprocessConfig(size=48),
+        classifier=replace(tiny.classifier, optim=replace(tiny.classifier.optim, lr=3e-3)),
+        federated=replace(tiny.federated, method="medfedpure", sites=4, partition="profile", rounds=5, local_epochs=3,
+                          defense_rounds=2, defense_local_epochs=2, eval_max=32,
+                          train_attack=AttackConfig(steps=3, step=0.006), eval_attack=AttackConfig()),
+    )
+    return {p.name: p for p in (tiny, demo, edge, paper)}
 
 
 PROFILES: dict[str, Profile] = _profiles()

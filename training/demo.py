@@ -14,24 +14,11 @@ from pathlib import Path
 
 from training import config as cfgmod
 
-DEMO_OVERRIDES = {
-    "preprocess": {"size": 48},
-    "classifier": {"optim": {"lr": 3e-3, "batch_size": 16}},
-    "federated": {
-        "method": "medfedpure", "sites": 4, "partition": "profile", "rounds": 5, "local_epochs": 3,
-        "defense_rounds": 2, "defense_local_epochs": 2, "eval_max": 32,
-    },
-}
 
-
-def demo_profile(profile: str = "tiny") -> cfgmod.Profile:
-    return cfgmod.resolve(profile, DEMO_OVERRIDES)
-
-
-def run_demo(out: str | Path, profile: str = "tiny", n: int = 1200, resume: bool = False) -> int:
+def run_demo(out: str | Path, profile: str = "demo", n: int = 1200, resume: bool = False) -> int:
     from training.federated.run import run_federated
 
-    prof = demo_profile(profile)
+    prof = cfgmod.get_profile(profile)
     t0 = time.perf_counter()
     summary = run_federated(prof, f"synth:{n}", out, resume=resume, threads_per_site=1)
     md = Path(out) / "summary.md"

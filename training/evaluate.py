@@ -1,0 +1,260 @@
+"""Robustness evaluation of a trained run under PROTOCOL.md.
+
+``python -m training evaluate --run RUN --threat paper|adaptive|transfer|all``
+writes ``RUN/reports/robustness.md`` and ``.json`` (and ``roc.png``):
+
+- per site and averaged: clean accuracy through the whole pipeline (a
+  flagged clean scan is purified), accuracy under each threat model, flag
+  rates on clean and attacked scans, detection ROC AUC (clean vs. attacked);
+- the exact attack parameters, seeds, scan counts and the command.
+
+A site is what a hospital deploys: in a federated run ``sites/site-<k>/
+classifier.pt`` (shared experts + its gates) with its own test scans; in a
+centralised run the one classifier and the whole test split. The detector
+threshold tau comes from the site's clean validation scans at the profile's
+flag rate, before any attack. Runs without a detector and denoiser (the
+baselines) are evaluated as their classifier alone.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from training import config as cfgmod
+from training.attacks.adaptive import AdaptiveConfig, adaptive_pgd
+from training.attacks.pgd import PAPER_L2, PAPER_LINF, pgd
+from training.checkpoint import load_checkpoint
+from training.data.datasets import Split
+from training.defense import DefensePipeline, run_batched
+from training.federated import task
+from training.metrics import roc_auc, roc_curve
+from training.models import create_model
+
+THREATS = ("paper", "adaptive", "transfer")
+
+
+@dataclass
+class Site:
+    site: int
+    classifier: nn.Module
+    data: task.SiteData
+    pipe: DefensePipeline | None = None
+
+
+def _read_source(run: Path) -> str:
+    lines = dict(line.split(" = ", 1) for line in (run / "data.txt").read_text().splitlines() if " = " in line)
+    return lines["source"]
+
+
+def _load_model(path: Path, component: str) -> nn.Module:
+    ck = load_checkpoint(path)
+    model = create_model(component, cfgmod.from_dict(ck["config"]))
+    model.load_state_dict(ck["model"])
+    return model.eval()
+
+
+def load_sites(run: str | Path, source: str | None = None) -> tuple[cfgmod.Profile, list[Site], dict]:
+    """The run's profile, its sites (classifier, data, pipeline) and a description."""
+    run = Path(run)
+    if not (run / "config.toml").exists():
+        raise FileNotFoundError(f"{run}: not a run folder (no config.toml)")
+    profile = cfgmod.load_toml(run / "config.toml")
+    source = source or _read_source(run)
+    federated = (run / "sites").is_dir()
+    detector = denoiser = None
+    if (run / "detector" / "best.pt").exists() and (run / "denoiser" / "best.pt").exists():
+        if not federated or profile.federated.method == "medfedpure":
+            detector = _load_model(run / "detector" / "best.pt", "detector")
+            denoiser = _load_model(run / "denoiser" / "best.pt", "denoiser")
+    sites: list[Site] = []
+    if federated:
+        n = profile.federated.sites
+        for k in range(n):
+            f = run / "sites" / f"site-{k}" / "classifier.pt"
+            if not f.exists():
+                raise FileNotFoundError(f"{f} is missing: has the federated run finished?")
+            sites.append(Site(k, _load_model(f, "classifier"), task.site_data(source, profile, k, n)))
+    else:
+        sites.append(Site(0, _load_model(run / "classifier" / "best.pt", "classifier"), task.site_data(source, profile, None, None)))
+    for s in sites:
+        if detector is not None:
+            s.pipe = task.make_defense(s.classifier, detector, denoiser, profile, s.data["val"])
+    kind = f"federated ({profile.federated.method}, {len(sites)} sites)" if federated else "centralised"
+    return profile, sites, {"run": str(run), "source": source, "kind": kind, "defended": detector is not None}
+
+
+def _test(site: Site, max_scans: int) -> tuple[torch.Tensor, torch.Tensor]:
+    t: Split = site.data["test"]
+    n = len(t) if max_scans <= 0 else min(len(t), max_scans)
+    return torch.as_tensor(t.images[:n])[:, None].float(), torch.as_tensor(t.labels[:n]).long()
+
+
+def _attack_batched(fn, target, x: torch.Tensor, y: torch.Tensor, cfg, g: torch.Generator, batch_size: int) -> torch.Tensor:
+    """``fn(target, x, y, cfg, g)`` (an attack) over ``x`` in batches."""
+    return torch.cat([fn(target, x[i : i + batch_size], y[i : i + batch_size], cfg, g) for i in range(0, len(x), batch_size)])
+
+
+def _through(site: Site, x: torch.Tensor, y: torch.Tensor, seed: int, batch_size: int = 32) -> dict:
+    """Accuracy (and flags, scores) of the site's deployed system on scans ``x``."""
+    if site.pipe is None:
+        with torch.no_grad():
+            pred = torch.cat([site.classifier(x[i : i + 64]).argmax(1) for i in range(0, len(x), 64)])
+        return {"acc": float((pred == y).float().mean()), "n": int(len(y))}
+    out = run_batched(site.pipe, x, batch_size, seed)
+    pred = out["probs"].argmax(1)
+    return {"acc": float((pred == y.numpy()).mean()), "n": int(len(y)), "flag_rate": float(out["flagged"].mean()),
+            "mean_t_star_flagged": float(out["t_star"][out["flagged"]].mean()) if out["flagged"].any() else 0.0,
+            "scores": out["scores"]}
+
+
+def evaluate_run(run: str | Path, threats: tuple[str, ...] = ("paper",), *, max_scans: int = 0, adaptive_max: int = 64,
+                 adaptive: AdaptiveConfig | None = None, seed: int = 0, batch_size: int = 32, log=print,
+                 source: str | None = None) -> dict:
+    """Evaluate every site of ``run`` under ``threats``; returns the report dict (also written to RUN/reports)."""
+    for t in threats:
+        if t not in THREATS:
+            raise ValueError(f"unknown threat {t!r}; choose from {THREATS} or 'all'")
+    adaptive = adaptive or AdaptiveConfig()
+    profile, sites, info = load_sites(run, source)
+    t_all = time.perf_counter()
+    rows = []
+    for site in sites:
+        x, y = _test(site, max_scans)
+        if len(y) == 0:
+            log(f"site {site.site}: no test scans, skipped")
+            continue
+        t0 = time.perf_counter()
+        g = torch.Generator().manual_seed(seed + 1000 * site.site)
+        row: dict = {"site": site.site, "n_test": int(len(y))}
+        with torch.no_grad():
+            pred = torch.cat([site.classifier(x[i : i + 64]).argmax(1) for i in range(0, len(x), 64)])
+        row["clean_acc_classifier_only"] = float((pred == y).float().mean())
+        clean = _through(site, x, y, seed)
+        row["clean"] = {k: v for k, v in clean.items() if k != "scores"}
+        if site.pipe is not None:
+            row["tau"] = site.pipe.tau
+        if "paper" in threats:
+            for name, cfg in (("pgd_linf", PAPER_LINF), ("pgd_l2", PAPER_L2)):
+                adv = _attack_batched(pgd, site.classifier, x, y, cfg, g, batch_size)
+                res = _through(site, adv, y, seed + 1)
+                if "scores" in res:
+                    res["detection_auc"] = roc_auc(clean["scores"], res["scores"])
+                    if name == "pgd_linf":
+                        row["_roc"] = roc_curve(clean["scores"], res["scores"])
+                row[name] = {k: v for k, v in res.items() if k != "scores"}
+        if "adaptive" in threats and site.pipe is not None:
+            n_a = min(len(y), adaptive_max) if adaptive_max > 0 else len(y)
+            adv = _attack_batched(adaptive_pgd, site.pipe, x[:n_a], y[:n_a], adaptive, g, batch_size)
+            res = _through(site, adv, y[:n_a], seed + 2)
+            clean_a = _through(site, x[:n_a], y[:n_a], seed)
+            res["detection_auc"] = roc_auc(clean_a["scores"], res["scores"])
+            res["clean_acc_same_scans"] = clean_a["acc"]
+            row["adaptive"] = {k: v for k, v in res.items() if k != "scores"}
+        if "transfer" in threats and len(sites) > 1:
+            src = sites[(sites.index(site) + 1) % len(sites)]
+            adv = _attack_batched(pgd, src.classifier, x, y, PAPER_LINF, g, batch_size)
+            res = _through(site, adv, y, seed + 3)
+            res["source_site"] = src.site
+            row["transfer_linf"] = {k: v for k, v in res.items() if k != "scores"}
+        row["seconds"] = time.perf_counter() - t0
+        log(f"site {site.site}: " + ", ".join(f"{k} {v['acc']:.4f}" for k, v in row.items() if isinstance(v, dict) and "acc" in v)
+            + f" ({row['seconds']:.0f} s)")
+        rows.append(row)
+    report = {
+        **info,
+        "profile": profile.name,
+        "threats": list(threats),
+        "defense": cfgmod.to_dict(profile)["defense"],
+        "attacks": {"pgd_linf": asdict(PAPER_LINF), "pgd_l2": asdict(PAPER_L2),
+                    "adaptive": adaptive.to_dict() | {"max_scans_per_site": adaptive_max},
+                    "transfer_linf": {"attack": "PGD-linf paper setting crafted on site (k+1) mod N's classifier"}},
+        "seed": seed,
+        "max_scans_per_site": max_scans,
+        "sites": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
+        "mean": _means(rows),
+        "command": " ".join(["python -m training"] + sys.argv[1:]) if sys.argv and sys.argv[0].endswith(("training", "__main__.py")) else "",
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "seconds": time.perf_counter() - t_all,
+    }
+    out = Path(run) / "reports"
+    out.mkdir(parents=True, exist_ok=True)
+    rocs = [(r["site"], r["_roc"]) for r in rows if "_roc" in r]
+    if rocs:
+        _roc_plot(rocs, out / "roc.png")
+    (out / "robustness.json").write_text(json.dumps(report, indent=1))
+    (out / "robustness.md").write_text(render_markdown(report, has_roc=bool(rocs)))
+    return report
+
+
+def _means(rows: list[dict]) -> dict:
+    """Scan-weighted means over sites of every accuracy and flag rate."""
+    out: dict = {}
+    order = ["clean", "pgd_linf", "pgd_l2", "adaptive", "transfer_linf"]
+    keys = {k for r in rows for k, v in r.items() if isinstance(v, dict)}
+    for k in sorted(keys, key=lambda k: order.index(k) if k in order else len(order)):
+        part = [r[k] for r in rows if k in r]
+        w = np.array([p["n"] for p in part], dtype=float)
+        out[k] = {m: float(np.average([p[m] for p in part], weights=w)) for m in part[0]
+                  if isinstance(part[0][m], float) and all(m in p for p in part)}
+        out[k]["n"] = int(w.sum())
+    return out
+
+
+def _roc_plot(rocs: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.2))
+    for site, (fpr, tpr) in rocs:
+        ax.plot(fpr, tpr, lw=1, label=f"site {site}")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("false positive rate (clean test scans)")
+    ax.set_ylabel("true positive rate (PGD L-inf 0.015)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f} %"
+
+
+def render_markdown(r: dict, has_roc: bool = False) -> str:
+    names = {"clean": "clean (through the pipeline)", "pgd_linf": "PGD L-inf eps 0.015 (paper setting)",
+             "pgd_l2": "PGD L2 eps 0.1 (paper setting)", "adaptive": "adaptive PGD on the pipeline",
+             "transfer_linf": "transfer PGD L-inf from another site"}
+    lines = [f"# Robustness: {r['run']}", "", f"{r['kind']}, profile `{r['profile']}`, data `{r['source']}`; "
+             f"defense {'on' if r['defended'] else 'off (classifier only)'}.", "",
+             f"Produced by: `{r['command'] or 'python -m training evaluate --run ' + r['run']}` "
+             f"({r['seconds']:.0f} s, torch {r['machine']['torch']}, {r['machine']['threads']} threads)", "",
+             "## Mean over sites (weighted by test scans)", "",
+             "| threat | scans | accuracy | flag rate | detection ROC AUC |", "|---|---:|---:|---:|---:|"]
+    for k, v in r["mean"].items():
+        lines.append(f"| {names.get(k, k)} | {v['n']} | {_pct(v.get('acc'))} | {_pct(v.get('flag_rate'))} | "
+                     f"{v['detection_auc']:.3f} |" if "detection_auc" in v else
+                     f"| {names.get(k, k)} | {v['n']} | {_pct(v.get('acc'))} | {_pct(v.get('flag_rate'))} | |")
+    lines += ["", "## Per site", ""]
+    threats = [k for k in names if any(k in s for s in r["sites"])]
+    lines.append("| site | test scans | classifier only, clean | " + " | ".join(names[k] for k in threats) + " |")
+    lines.append("|---:|---:|---:|" + "---:|" * len(threats))
+    for s in r["sites"]:
+        cells = [(_pct(s[k]["acc"]) + (f" (flagged {_pct(s[k]['flag_rate'])})" if "flag_rate" in s[k] else "")) if k in s else ""
+                 for k in threats]
+        lines.append(f"| {s['site']} | {s['n_test']} | {_pct(s['clean_acc_classifier_only'])} | " + " | ".join(cells) + " |")
+    lines += ["", "## Attack parameters", "", "```json", json.dumps(r["attacks"], indent=1), "```", "",
+              "Defense: " + json.dumps(r["defense"]) + f"; seed {r['seed']}."]
+    if has_roc:
+        lines += ["", "![ROC](roc.png)"]
+    return "\n".join(lines) + "\n"
