@@ -95,6 +95,13 @@ def cmd_evaluate(args) -> int:
         attack=cfgmod.AttackConfig(eps=args.adaptive_eps, step=args.adaptive_step, steps=args.adaptive_steps),
         eot=args.eot, gradient=args.gradient, attack_purify_steps=args.attack_purify_steps,
     )
+    if args.sweep or args.sweep_only:
+        from training.evaluate import sweep_run
+
+        sweep_run(args.run, max_scans=args.sweep_max, seed=args.seed, source=args.data)
+        print(f"wrote {args.run}/reports/sweep.md")
+        if args.sweep_only:
+            return 0
     report = evaluate_run(args.run, threats, max_scans=args.max_scans, adaptive_max=args.adaptive_max,
                           adaptive=adaptive, seed=args.seed, source=args.data)
     print(f"\nwrote {args.run}/reports/robustness.md")
@@ -184,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gradient", choices=("exact", "bpda"), default="exact")
     e.add_argument("--attack-purify-steps", type=int, default=2, help="DDIM steps of the purification the attack differentiates")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--sweep", action="store_true", help="also sweep flag rate x purification steps (robustness vs. compute)")
+    e.add_argument("--sweep-only", action="store_true", help="only the sweep")
+    e.add_argument("--sweep-max", type=int, default=64, help="test scans per site in the sweep")
     e.set_defaults(func=cmd_evaluate)
 
     pl = sub.add_parser("plot", help="convergence plot of federated runs, one line per run (method)")
