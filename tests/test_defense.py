@@ -55,3 +55,13 @@ def test_only_flagged_scans_are_purified():
     # the purification noise comes from the generator: same seed, same result
     again = pipe.run(x, torch.Generator().manual_seed(0))
     assert torch.equal(out["probs"], again["probs"])
+
+
+def test_kappa_rule_flags_the_top_fraction_of_a_batch():
+    from training.defense import kappa_flags
+
+    s = torch.tensor([0.1, 0.9, 0.5, 0.3])
+    assert kappa_flags(s, 0.5).tolist() == [False, True, True, False]
+    assert not kappa_flags(s, 0.0).any() and kappa_flags(s, 1.0).all()
+    # batch-dependent: the same scan is flagged or not depending on its neighbours
+    assert kappa_flags(torch.tensor([0.5, 0.1]), 0.5)[0] and not kappa_flags(torch.tensor([0.5, 0.9]), 0.5)[0]

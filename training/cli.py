@@ -110,6 +110,13 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_tables(args) -> int:
+    from training.evaluate import paper_tables
+
+    print(f"wrote {paper_tables(args.runs, args.out)}")
+    return 0
+
+
 def cmd_plot(args) -> int:
     from training.federated.plot import convergence_plot
 
@@ -195,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sweep-only", action="store_true", help="only the sweep")
     e.add_argument("--sweep-max", type=int, default=64, help="test scans per site in the sweep")
     e.set_defaults(func=cmd_evaluate)
+
+    tb = sub.add_parser("tables", help="the paper's Tables I and II from evaluated runs (one row per method)")
+    tb.add_argument("runs", nargs="+", help="run folders evaluated with `evaluate --threat paper`")
+    tb.add_argument("--out", default="reports", help="folder for tables.md")
+    tb.set_defaults(func=cmd_tables)
 
     pl = sub.add_parser("plot", help="convergence plot of federated runs, one line per run (method)")
     pl.add_argument("runs", nargs="+", help="federated run folders")

@@ -130,6 +130,12 @@ class DefenseConfig:
     flagged scan is purified from t* = ``t_min`` (score at tau) rising linearly
     to ``t_max`` (score at ``ref_ratio`` * tau), rounded to a multiple of
     ``quantum``, with ``steps`` DDIM steps (0: every ancestral DDPM step).
+
+    ``rule = "kappa"`` is the paper's rank-based rule: in each batch the
+    ``kappa`` fraction of scans with the highest scores is flagged. It needs
+    a batch of test inputs and its decision for one scan depends on the
+    others, so it cannot run per scan at a scanner; ``"tau"`` (the default)
+    decides every scan alone.
     """
 
     flag_rate: float = 0.05
@@ -138,8 +144,14 @@ class DefenseConfig:
     ref_ratio: float = 2.0
     quantum: int = 10
     steps: int = 10
+    rule: str = "tau"
+    kappa: float = 0.5
 
     def __post_init__(self):
+        if self.rule not in ("tau", "kappa"):
+            raise ValueError(f"defense rule must be 'tau' or 'kappa', got {self.rule!r}")
+        if not 0.0 <= self.kappa <= 1.0:
+            raise ValueError(f"defense kappa must be in [0, 1], got {self.kappa}")
         if not 0.0 < self.flag_rate < 1.0:
             raise ValueError(f"defense flag_rate must be in (0, 1), got {self.flag_rate}")
         if not 1 <= self.t_min <= self.t_max:

@@ -33,6 +33,15 @@ def calibrate_tau(clean_scores: np.ndarray, flag_rate: float) -> float:
     return float(np.quantile(clean_scores, 1.0 - flag_rate))
 
 
+def kappa_flags(scores: torch.Tensor, kappa: float) -> torch.Tensor:
+    """The paper's rank rule: flag the ceil(kappa * N) highest scores of the batch (batch-dependent)."""
+    n = int(np.ceil(kappa * scores.numel()))
+    flags = torch.zeros_like(scores, dtype=torch.bool)
+    if n > 0:
+        flags[scores.topk(n).indices] = True
+    return flags
+
+
 def t_star_of(scores: torch.Tensor, tau: float, cfg: DefenseConfig) -> torch.Tensor:
     """Integer t* per score (only meaningful for flagged scores, s > tau)."""
     frac = ((scores - tau) / (tau * (cfg.ref_ratio - 1.0))).clamp(0.0, 1.0)
@@ -69,7 +78,7 @@ class DefensePipeline(nn.Module):
 
     def run(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         scores = self.score(x)
-        flagged = scores > self.tau
+        flagged = kappa_flags(scores, self.cfg.kappa) if self.cfg.rule == "kappa" else scores > self.tau
         t_star = torch.where(flagged, t_star_of(scores, self.tau, self.cfg), torch.zeros_like(scores, dtype=torch.long))
         x_in = self.purify_flagged(x, flagged, t_star, generator) if bool(flagged.any()) else x
         probs = self.classifier(x_in).softmax(1)

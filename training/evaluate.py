@@ -356,3 +356,46 @@ def _sweep_plot(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------- the paper's tables from several runs
+
+TABLE_ORDER = ("fedavg", "local", "fedem", "fat", "pfeddef", "medfedpure")
+
+
+def paper_tables(runs: list[str | Path], out: str | Path) -> Path:
+    """Table I (L2 PGD, eps 0.1) and Table II (L-inf PGD, eps 0.015) from the runs' ``reports/robustness.json``.
+
+    One row per run, labelled by its method; means over sites weighted by test scans.
+    """
+    rows = []
+    for run in runs:
+        f = Path(run) / "reports" / "robustness.json"
+        if not f.exists():
+            raise FileNotFoundError(f"{f} is missing: run `python -m training evaluate --run {run} --threat paper` first")
+        r = json.loads(f.read_text())
+        method = r["kind"].split("(", 1)[1].split(",", 1)[0] if r["kind"].startswith("federated") else "centralised"
+        rows.append((method, str(run), r))
+    rows.sort(key=lambda t: TABLE_ORDER.index(t[0]) if t[0] in TABLE_ORDER else len(TABLE_ORDER))
+    lines = ["# Robustness tables (layout of the paper's Tables I and II)", "",
+             "Means over sites weighted by test scans; clean accuracy through each system's whole pipeline; "
+             "attacks crafted on each site's classifier (paper setting, PROTOCOL.md) and passed through the pipeline.", "",
+             "## Table I: PGD L2, eps 0.1, step 0.01, 10 steps", "",
+             "| method | run | sites | test scans | clean acc | adversarial acc |", "|---|---|---:|---:|---:|---:|"]
+    for method, run, r in rows:
+        m = r["mean"]
+        if "pgd_l2" in m:
+            lines.append(f"| {method} | `{run}` | {len(r['sites'])} | {m['clean']['n']} | {_pct(m['clean']['acc'])} | "
+                         f"{_pct(m['pgd_l2']['acc'])} |")
+    lines += ["", "## Table II: PGD L-inf, eps 0.015, step 0.003, 7 steps", "",
+              "| method | run | sites | test scans | clean acc | adversarial acc | flag rate (attacked) |", "|---|---|---:|---:|---:|---:|---:|"]
+    for method, run, r in rows:
+        m = r["mean"]
+        if "pgd_linf" in m:
+            lines.append(f"| {method} | `{run}` | {len(r['sites'])} | {m['clean']['n']} | {_pct(m['clean']['acc'])} | "
+                         f"{_pct(m['pgd_linf']['acc'])} | {_pct(m['pgd_linf'].get('flag_rate'))} |")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / "tables.md"
+    md.write_text("\n".join(lines) + "\n")
+    return md
