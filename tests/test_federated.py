@@ -110,3 +110,18 @@ def test_cli_rejects_bad_federated_input(tmp_path, capsys):
     assert main(["train", "--method", "fedavg", "--profile", "tiny", "--data", "synth:60", "--sites", "0",
                  "--out", str(tmp_path / "c")]) == 2
     assert "sites" in capsys.readouterr().err
+
+
+def test_purify_train_purifies_flagged_training_scans():
+    """MedFedPure Algorithm 3, lines 10-13: flagged training scans are purified before the local step."""
+    p = C.resolve("tiny", {"federated": {"method": "medfedpure", "sites": 2, "partition": "iid", "purify_train": True}})
+    data = task.site_data("synth:120", p, 1, 2)
+    model = task.build_model("classifier", p)
+    det, den = task.build_model("detector", p).eval(), task.build_model("denoiser", p).eval()
+    defense = task.make_defense(model, det, den, p, data["val"])
+    defense.tau = 0.0  # every scan flagged
+    stats = task.local_train("classifier", model, data, p, 1, defense=defense)
+    assert stats["flagged"] == 1.0
+    defense.tau = float("inf")  # none flagged
+    stats = task.local_train("classifier", model, data, p, 1, defense=defense)
+    assert stats["flagged"] == 0.0
