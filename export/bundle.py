@@ -1,0 +1,246 @@
+"""Write one site's bundle: ONNX graphs (fp32 and fp16), parity checks, and ``manifest.json``.
+
+``python -m export --run runs/NAME --site S --out bundles/NAME-site-S``
+
+The bundle is what a hospital installs next to its scanner (DESIGN.md):
+
+    classifier.onnx, detector.onnx, denoiser.onnx         fp32, opset >= 17, dynamic batch
+    classifier.fp16.onnx, ...                             fp16 weights and compute, fp32 inputs/outputs
+    manifest.json                                         see :func:`build_manifest`
+
+Parity is checked here, on the site's own test scans, before the bundle is
+written: ONNX Runtime (CPU) against PyTorch. fp32: probabilities within
+1e-4, detection scores within 1e-3 relative, epsilon within 1e-4; fp16:
+probabilities within 1e-2 and no prediction flip. A bundle that fails is not
+written.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.graphs import ClassifierGraph, DenoiserGraph, DetectorGraph
+from training import config as cfgmod
+from training.checkpoint import code_revision
+from training.diffusion import GaussianDiffusion, to_diffusion_space
+
+SCHEMA_VERSION = 1
+OPSET = 17
+TOLERANCES = {"probs_abs": 1e-4, "score_rel": 1e-3, "eps_abs": 1e-4, "probs_abs_fp16": 1e-2}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], opset: int) -> None:
+    import onnx
+
+    module.eval()
+    dynamic = {name: {0: "batch"} for name in inputs + outputs}
+    with torch.no_grad():
+        torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs, dynamic_axes=dynamic,
+                          opset_version=opset, dynamo=False)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+def _toposort(graph) -> None:
+    """Order ``graph.node`` so every input is produced before it is used (the fp16 converter leaves casts last)."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ValueError("the fp16 graph has a cycle or an undefined input")
+        for n in ready:
+            ordered.append(n)
+            available.update(n.output)
+        pending = [n for n in pending if all(n is not r for r in ready)]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def _fp16(src: Path, dst: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    _toposort(model.graph)
+    onnx.save(model, str(dst))
+    onnx.checker.check_model(onnx.load(str(dst)))
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _batched(fn, *arrays: np.ndarray, batch: int = 32) -> np.ndarray:
+    return np.concatenate([fn(*(a[i : i + batch] for a in arrays)) for i in range(0, len(arrays[0]), batch)])
+
+
+def check_parity(graphs: dict, files: dict[str, Path], images: np.ndarray, n_eps: int = 16, seed: int = 0) -> dict:
+    """ORT vs PyTorch on ``images`` ``[N, 1, S, S]``; raises ValueError past a tolerance."""
+    x = images.astype(np.float32)
+    res: dict = {"n_scans": int(len(x))}
+    with torch.no_grad():
+        p_ref = _batched(lambda a: graphs["classifier"](torch.from_numpy(a)).numpy(), x)
+        s_ref = _batched(lambda a: graphs["detector"](torch.from_numpy(a)).numpy(), x)
+        diffusion = GaussianDiffusion()
+        g = torch.Generator().manual_seed(seed)
+        xe = torch.from_numpy(x[:n_eps])
+        t = torch.tensor([50, 100] * ((len(xe) + 1) // 2))[: len(xe)]
+        x_t = diffusion.q_sample(to_diffusion_space(xe), t, torch.randn(xe.shape, generator=g)).numpy()
+        tf = t.float().numpy()
+        e_ref = graphs["denoiser"](torch.from_numpy(x_t), torch.from_numpy(tf)).numpy()
+    for prec in ("fp32", "fp16"):
+        sc, sd, su = (_session(files[f"{c}.{prec}"]) for c in ("classifier", "detector", "denoiser"))
+        p = _batched(lambda a, s=sc: s.run(None, {"image": a})[0], x)
+        s = _batched(lambda a, s=sd: s.run(None, {"image": a})[0], x)
+        e = su.run(None, {"x_t": x_t, "t": tf})[0]
+        r = {
+            "probs_max_abs": float(np.abs(p - p_ref).max()),
+            "score_max_rel": float((np.abs(s - s_ref) / np.maximum(np.abs(s_ref), 1e-12)).max()),
+            "eps_max_abs": float(np.abs(e - e_ref).max()),
+            "prediction_flips": int((p.argmax(1) != p_ref.argmax(1)).sum()),
+        }
+        res[prec] = r
+    f32, f16 = res["fp32"], res["fp16"]
+    problems = []
+    if f32["probs_max_abs"] > TOLERANCES["probs_abs"]:
+        problems.append(f"fp32 probabilities differ by {f32['probs_max_abs']:.2e} > {TOLERANCES['probs_abs']}")
+    if f32["score_max_rel"] > TOLERANCES["score_rel"]:
+        problems.append(f"fp32 detection scores differ by {f32['score_max_rel']:.2e} (relative) > {TOLERANCES['score_rel']}")
+    if f32["eps_max_abs"] > TOLERANCES["eps_abs"]:
+        problems.append(f"fp32 epsilon differs by {f32['eps_max_abs']:.2e} > {TOLERANCES['eps_abs']}")
+    if f16["probs_max_abs"] > TOLERANCES["probs_abs_fp16"]:
+        problems.append(f"fp16 probabilities differ by {f16['probs_max_abs']:.2e} > {TOLERANCES['probs_abs_fp16']}")
+    if f16["prediction_flips"]:
+        problems.append(f"fp16 flips {f16['prediction_flips']} of {len(x)} predictions")
+    res["tolerances"] = dict(TOLERANCES)
+    res["passed"] = not problems
+    if problems:
+        raise ValueError("parity check failed: " + "; ".join(problems))
+    return res
+
+
+def build_manifest(*, profile: cfgmod.Profile, site: int, run: Path, class_names: list[str], tau: float,
+                   n_val: int, files: dict[str, Path], split_digest: str, metrics: dict, parity: dict,
+                   opset: int) -> dict:
+    d, den = profile.defense, profile.denoiser
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "class_names": list(class_names),
+        "input": {"name": "image", "shape": [None, 1, profile.image_size, profile.image_size], "dtype": "float32",
+                  "range": [0.0, 1.0]},
+        "preprocessing": asdict(profile.preprocess),
+        "detector": {
+            "tau": tau,
+            "calibration": {"rule": d.rule, "flag_rate": d.flag_rate, "split": "val", "n_scans": n_val,
+                            "statistic": "quantile 1 - flag_rate of clean validation scores"},
+            "mask_ratio": profile.detector.mask_ratio, "mask_seed": profile.detector.mask_seed,
+            "score": "mean squared reconstruction error over complementary masks, each patch once",
+        },
+        "purification": {
+            "schedule": {"kind": "linear", "num_steps": den.num_steps, "beta_start": den.beta_start, "beta_end": den.beta_end},
+            "t_star": {"t_min": d.t_min, "t_max": d.t_max, "ref_ratio": d.ref_ratio, "quantum": d.quantum,
+                       "formula": "t = t_min + clip((s - tau) / (tau * (ref_ratio - 1)), 0, 1) * (t_max - t_min), "
+                                  "rounded to a multiple of quantum, clipped to [t_min, t_max]"},
+            "steps": d.steps, "sampler": "ddim eta=0 on a respacing from t*" if d.steps else "ddpm ancestral, every step",
+            "space": "x in [0, 1] -> 2x - 1; the denoiser predicts epsilon of x_t at integer timestep t (given as float)",
+        },
+        "files": {name: {"sha256": sha256(path), "bytes": path.stat().st_size} for name, path in sorted(files.items())},
+        "graphs": {
+            "classifier": {"inputs": {"image": "[N,1,S,S] float32"}, "outputs": {"probs": "[N,C] float32"}},
+            "detector": {"inputs": {"image": "[N,1,S,S] float32"}, "outputs": {"score": "[N] float32"}},
+            "denoiser": {"inputs": {"x_t": "[N,1,S,S] float32", "t": "[N] float32"}, "outputs": {"eps": "[N,1,S,S] float32"}},
+            "opset": opset, "precisions": ["fp32", "fp16"],
+        },
+        "provenance": {"run": str(run), "site": site, "profile": cfgmod.to_dict(profile), "split_digest": split_digest,
+                       "code_revision": code_revision(), "metrics": metrics},
+        "parity": parity,
+    }
+
+
+def export_site(run: str | Path, site: int, out: str | Path, *, opset: int = OPSET, parity_scans: int = 64,
+                force: bool = False, log=print) -> dict:
+    """Export site ``site`` of ``run`` to the bundle folder ``out``; returns the manifest."""
+    from training.evaluate import load_sites
+
+    run, out = Path(run), Path(out)
+    if opset < 17:
+        raise ValueError(f"opset must be 17 or newer, got {opset}")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ValueError(f"{out} exists and is not empty; choose a new --out or pass --force")
+    profile, sites, info = load_sites(run)
+    match = [s for s in sites if s.site == site]
+    if not match:
+        raise ValueError(f"{run} has no site {site}; sites: {[s.site for s in sites]}")
+    s = match[0]
+    if s.pipe is None:
+        raise ValueError(f"{run}: no detector and denoiser for this run (method "
+                         f"{profile.federated.method}); only a defended run can be bundled")
+    t0 = time.perf_counter()
+    graphs = {"classifier": ClassifierGraph(s.classifier).eval(),
+              "detector": DetectorGraph(s.pipe.detector, profile.detector.mask_ratio, profile.detector.mask_seed).eval(),
+              "denoiser": DenoiserGraph(s.pipe.denoiser).eval()}
+    size = profile.image_size
+    img = torch.rand(2, 1, size, size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out.parent))
+    try:
+        files: dict[str, Path] = {}
+        for name, args, ins, outs in (("classifier", (img,), ["image"], ["probs"]),
+                                      ("detector", (img,), ["image"], ["score"]),
+                                      ("denoiser", (img * 2 - 1, torch.tensor([50.0, 100.0])), ["x_t", "t"], ["eps"])):
+            f32 = tmp / f"{name}.onnx"
+            _export(graphs[name], args, f32, ins, outs, opset)
+            f16 = tmp / f"{name}.fp16.onnx"
+            _fp16(f32, f16)
+            files[f"{name}.fp32"], files[f"{name}.fp16"] = f32, f16
+            log(f"  exported {name}: {f32.stat().st_size / 1e6:.1f} MB fp32, {f16.stat().st_size / 1e6:.1f} MB fp16")
+        test = s.data["test"]
+        n = len(test) if parity_scans <= 0 else min(len(test), parity_scans)
+        images = test.images[:n][:, None]
+        parity = check_parity(graphs, files, images)
+        log(f"  parity on {n} test scans: fp32 probs {parity['fp32']['probs_max_abs']:.1e}, scores "
+            f"{parity['fp32']['score_max_rel']:.1e} rel, eps {parity['fp32']['eps_max_abs']:.1e}; fp16 probs "
+            f"{parity['fp16']['probs_max_abs']:.1e}, {parity['fp16']['prediction_flips']} flips")
+        metrics = {"site_val_scans": len(s.data["val"]), "site_test_scans": len(test)}
+        rob = run / "reports" / "robustness.json"
+        if rob.exists():
+            rep = json.loads(rob.read_text())
+            metrics["robustness_mean"] = rep.get("mean")
+            metrics["robustness_site"] = next((r for r in rep.get("sites", []) if r.get("site") == site), None)
+        named = {p.name: p for p in files.values()}
+        manifest = build_manifest(profile=profile, site=site, run=run, class_names=s.data.class_names, tau=s.pipe.tau,
+                                  n_val=len(s.data["val"]), files=named, split_digest=s.data.digest, metrics=metrics,
+                                  parity=parity, opset=opset)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log(f"bundle written to {out} ({time.perf_counter() - t0:.0f} s)")
+    return manifest
