@@ -6,6 +6,7 @@ The bundle is what a hospital installs next to its scanner (DESIGN.md):
 
     classifier.onnx, detector.onnx, denoiser.onnx         fp32, opset >= 17, dynamic batch
     classifier.fp16.onnx, ...                             fp16 weights and compute, fp32 inputs/outputs
+    classifier.pt2, ...                                   the same graphs for the torch engine (torch.export)
     manifest.json                                         see :func:`build_manifest`
 
 Parity is checked here, on the site's own test scans, before the bundle is
@@ -73,6 +74,16 @@ def _toposort(graph) -> None:
         pending = [n for n in pending if all(n is not r for r in ready)]
     del graph.node[:]
     graph.node.extend(ordered)
+
+
+def _torch_export(module: torch.nn.Module, args: tuple, path: Path) -> Path:
+    """The reference graph for the runtime's torch engine (``torch.export``, dynamic batch; no training code needed)."""
+    from torch.export import Dim
+
+    batch = Dim("batch", min=1, max=4096)
+    ep = torch.export.export(module, args, dynamic_shapes=tuple({0: batch} for _ in args))
+    torch.export.save(ep, str(path))
+    return path
 
 
 def _fp16(src: Path, dst: Path) -> None:
@@ -217,6 +228,7 @@ def export_site(run: str | Path, site: int, out: str | Path, *, opset: int = OPS
             f16 = tmp / f"{name}.fp16.onnx"
             _fp16(f32, f16)
             files[f"{name}.fp32"], files[f"{name}.fp16"] = f32, f16
+            files[f"{name}.pt2"] = _torch_export(graphs[name], args, tmp / f"{name}.pt2")
             log(f"  exported {name}: {f32.stat().st_size / 1e6:.1f} MB fp32, {f16.stat().st_size / 1e6:.1f} MB fp16")
         test = s.data["test"]
         n = len(test) if parity_scans <= 0 else min(len(test), parity_scans)

@@ -9,10 +9,8 @@ import torch
 
 from export.graphs import DetectorGraph
 from training import config as C
-from training.data.datasets import load_dataset
 from training.models import create_model
 from training.models.mae import complementary_masks
-from training.train import train_component
 
 
 def test_detector_graph_equals_the_training_score():
@@ -27,18 +25,6 @@ def test_detector_graph_equals_the_training_score():
     assert torch.allclose(ref, got, rtol=1e-5, atol=1e-7)
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    p = C.get_profile("tiny")
-    data = load_dataset("synth:80", p.preprocess)
-    run = tmp_path_factory.mktemp("run")
-    (run / "config.toml").write_text(C.dump_toml(p))
-    (run / "data.txt").write_text(f"source = synth:80\nsplit_digest = {data.digest}\n")
-    for comp in C.COMPONENTS:
-        train_component(comp, p, data, run, epochs=1, progress=False, log=lambda *_: None)
-    return run
-
-
 @pytest.mark.slow
 def test_bundle_is_complete_and_in_parity(tiny_run, tmp_path):
     import onnxruntime as ort
@@ -50,9 +36,12 @@ def test_bundle_is_complete_and_in_parity(tiny_run, tmp_path):
     saved = json.loads((out / "manifest.json").read_text())
     assert saved["schema_version"] == SCHEMA_VERSION == m["schema_version"]
     names = {"classifier", "detector", "denoiser"}
-    assert set(saved["files"]) == {f"{n}.onnx" for n in names} | {f"{n}.fp16.onnx" for n in names}
+    assert set(saved["files"]) == ({f"{n}.onnx" for n in names} | {f"{n}.fp16.onnx" for n in names}
+                                   | {f"{n}.pt2" for n in names})
     for f, meta in saved["files"].items():
         assert sha256(out / f) == meta["sha256"]
+        if not f.endswith(".onnx"):
+            continue
         model = onnx.load(str(out / f))
         assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
     onnx.checker.check_model(onnx.load(str(out / "classifier.onnx")), full_check=True)

@@ -1,0 +1,29 @@
+"""Shared fixtures: a tiny trained run (all three components, one epoch) and its exported bundle."""
+
+import pytest
+
+from training import config as C
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    from training.data.datasets import load_dataset
+    from training.train import train_component
+
+    p = C.get_profile("tiny")
+    data = load_dataset("synth:80", p.preprocess)
+    run = tmp_path_factory.mktemp("run")
+    (run / "config.toml").write_text(C.dump_toml(p))
+    (run / "data.txt").write_text(f"source = synth:80\nsplit_digest = {data.digest}\n")
+    for comp in C.COMPONENTS:
+        train_component(comp, p, data, run, epochs=1, progress=False, log=lambda *_: None)
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_run, tmp_path_factory):
+    from export.bundle import export_site
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-site-0"
+    export_site(tiny_run, 0, out, log=lambda *_: None)
+    return out
