@@ -19,7 +19,6 @@ written.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from export.graphs import ClassifierGraph, DenoiserGraph, DetectorGraph
+from runtime.bundle import sha256
 from training import config as cfgmod
 from training.checkpoint import code_revision
 from training.diffusion import GaussianDiffusion, to_diffusion_space
@@ -39,14 +39,6 @@ from training.diffusion import GaussianDiffusion, to_diffusion_space
 SCHEMA_VERSION = 1
 OPSET = 17
 TOLERANCES = {"probs_abs": 1e-4, "score_rel": 1e-3, "eps_abs": 1e-4, "probs_abs_fp16": 1e-2}
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], opset: int) -> None:

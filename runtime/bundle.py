@@ -19,7 +19,8 @@ class BundleError(ValueError):
     """A bundle that must not be used; the message names the file and the reason."""
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -60,7 +61,7 @@ class Bundle:
             f = self.path / name
             if not f.exists():
                 raise BundleError(f"{f}: listed in the manifest but missing")
-            if _sha256(f) != meta["sha256"]:
+            if sha256(f) != meta["sha256"]:
                 raise BundleError(f"{f}: sha256 does not match the manifest (modified or corrupted)")
 
     def file(self, graph: str, precision: str = "fp32") -> Path:

@@ -133,16 +133,27 @@ def _metrics(values: dict, site: int) -> MetricRecord:
 # --------------------------------------------------------------------------- handlers
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def _prepare(msg: Message, context: Context, local_round_offset: int):
+    """What both handlers start from: the phase, round, profile, the site's data, and its model.
+
+    The model is the message's shared arrays plus the site's personal state of
+    round ``rnd - local_round_offset`` (the previous round before training,
+    this round's after it, for evaluation).
+    """
     cfg = msg.content["config"]
     _threads(context, cfg)
     phase, rnd = str(cfg["phase"]), int(cfg["server-round"])
     profile = _profile(cfg)
     source, k, n, state_dir = _site(context, cfg)
     data = task.site_data(source, profile, k, n)
-    local = _load_local(context, state_dir, phase, rnd - 1)
+    local = _load_local(context, state_dir, phase, rnd - local_round_offset)
     model, keys = _assemble(phase, profile, msg, local)
+    return phase, rnd, profile, k, state_dir, data, model, keys
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    phase, rnd, profile, k, state_dir, data, model, keys = _prepare(msg, context, local_round_offset=1)
     defense = _defense(msg, profile, model, data) if phase == "classifier" else None
     global_shared = {k2: v.clone() for k2, v in model.state_dict().items() if k2 not in keys}
     stats = task.local_train(phase, model, data, profile, rnd, defense=defense, global_shared=global_shared)
@@ -157,14 +168,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg = msg.content["config"]
-    _threads(context, cfg)
-    phase, rnd = str(cfg["phase"]), int(cfg["server-round"])
-    profile = _profile(cfg)
-    source, k, n, state_dir = _site(context, cfg)
-    data = task.site_data(source, profile, k, n)
-    local = _load_local(context, state_dir, phase, rnd)
-    model, keys = _assemble(phase, profile, msg, local)
+    phase, rnd, profile, k, state_dir, data, model, keys = _prepare(msg, context, local_round_offset=0)
     t0 = time.perf_counter()
     if phase == "classifier":
         defense = _defense(msg, profile, model, data)
