@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.graphs import ClassifierGraph, DenoiserGraph, DetectorGraph
+from export.graphs import ClassifierGraph, DenoiserGraph, detector_graph, score_description
 from runtime.bundle import sha256
 from training import config as cfgmod
 from training.checkpoint import code_revision
@@ -161,7 +161,7 @@ def build_manifest(*, profile: cfgmod.Profile, site: int, run: Path, class_names
             "calibration": {"rule": d.rule, "flag_rate": d.flag_rate, "split": "val", "n_scans": n_val,
                             "statistic": "quantile 1 - flag_rate of clean validation scores"},
             "mask_ratio": profile.detector.mask_ratio, "mask_seed": profile.detector.mask_seed,
-            "score": "mean squared reconstruction error over complementary masks, each patch once",
+            "score": score_description(profile), "score_kind": d.score,
         },
         "purification": {
             "schedule": {"kind": "linear", "num_steps": den.num_steps, "beta_start": den.beta_start, "beta_end": den.beta_end},
@@ -204,7 +204,7 @@ def export_site(run: str | Path, site: int, out: str | Path, *, opset: int = OPS
                          f"{profile.federated.method}); only a defended run can be bundled")
     t0 = time.perf_counter()
     graphs = {"classifier": ClassifierGraph(s.classifier).eval(),
-              "detector": DetectorGraph(s.pipe.detector, profile.detector.mask_ratio, profile.detector.mask_seed).eval(),
+              "detector": detector_graph(s.pipe.detector, profile).eval(),
               "denoiser": DenoiserGraph(s.pipe.denoiser).eval()}
     size = profile.image_size
     img = torch.rand(2, 1, size, size)

@@ -2,10 +2,14 @@
 
 - :class:`ClassifierGraph`: ``image [N, 1, S, S]`` in [0, 1] -> ``probs [N, C]``
   (the site's mixture of experts, softmax inside).
-- :class:`DetectorGraph`: ``image`` -> ``score [N]``, the MAE's mean squared
-  reconstruction error over the fixed complementary masks, each patch counted
-  once. The masks are constants of the graph: the visible and restore indices
-  of every mask are precomputed, so the graph has no data-dependent shapes.
+- the detector graph, ``image`` -> ``score [N]`` (:func:`detector_graph`
+  picks it from the profile's ``defense.score``):
+  :class:`NoiseFloorGraph`, the mean of the lowest fraction of the scan's
+  absolute Laplacian values (a convolution and a TopK), or
+  :class:`DetectorGraph`, the MAE's mean squared reconstruction error over
+  the fixed complementary masks, each patch counted once. Its masks are
+  constants of the graph: the visible and restore indices of every mask are
+  precomputed, so the graph has no data-dependent shapes.
 - :class:`DenoiserGraph`: ``x_t [N, 1, S, S]`` (diffusion space, [-1, 1]) and
   ``t [N]`` (float, the integer timestep) -> ``eps [N, 1, S, S]``. The runtime
   runs the respaced reverse process around it with the bundle's schedule.
@@ -19,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from training.config import Profile
+from training.defense import noise_floor
 from training.models.mae import MaskedAutoencoder, complementary_masks
 
 
@@ -72,6 +78,29 @@ class DetectorGraph(nn.Module):
             err = (pred - target).pow(2).mean(-1)
             total = total + (err * getattr(self, f"resp{i}")).sum(1)
         return total / m.num_patches
+
+
+class NoiseFloorGraph(nn.Module):
+    def __init__(self, fraction: float):
+        super().__init__()
+        self.fraction = float(fraction)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return noise_floor(image, self.fraction)
+
+
+def detector_graph(detector: MaskedAutoencoder | None, profile: Profile) -> nn.Module:
+    """The graph of the profile's detection score."""
+    if profile.defense.score == "floor":
+        return NoiseFloorGraph(profile.defense.floor_fraction)
+    return DetectorGraph(detector, profile.detector.mask_ratio, profile.detector.mask_seed)
+
+
+def score_description(profile: Profile) -> str:
+    if profile.defense.score == "floor":
+        return (f"noise floor: mean of the lowest {profile.defense.floor_fraction:g} of |Laplacian(image)| "
+                "(3x3 kernel 0 1 0 / 1 -4 1 / 0 1 0, edges replicated)")
+    return "MAE mean squared reconstruction error over complementary masks, each patch once"
 
 
 class DenoiserGraph(nn.Module):

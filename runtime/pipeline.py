@@ -43,7 +43,7 @@ class PurifyConfig:
 
 
 def t_star_of(scores: np.ndarray, cfg: PurifyConfig) -> np.ndarray:
-    frac = np.clip((scores - cfg.tau) / (cfg.tau * (cfg.ref_ratio - 1.0)), 0.0, 1.0)
+    frac = np.clip((scores - cfg.tau) / max(cfg.tau * (cfg.ref_ratio - 1.0), 1e-12), 0.0, 1.0)
     t = cfg.t_min + frac * (cfg.t_max - cfg.t_min)
     t = np.round(t / cfg.quantum) * cfg.quantum
     return np.clip(t, cfg.t_min, cfg.t_max).astype(np.int64)

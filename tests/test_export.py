@@ -66,3 +66,23 @@ def test_export_refuses_bad_requests(tiny_run, tmp_path):
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(ValueError, match="not empty"):
         export_site(tiny_run, 0, tmp_path / "full", log=lambda *_: None)
+
+
+def test_noise_floor_graph_exports_and_matches_onnxruntime(tmp_path):
+    import onnxruntime as ort
+
+    from export.graphs import detector_graph, score_description
+    from training.defense import noise_floor
+
+    p = C.get_profile("tiny")
+    assert p.defense.score == "floor" and "Laplacian" in score_description(p)
+    graph = detector_graph(None, p).eval()
+    x = torch.rand(2, 1, 32, 32)
+    torch.onnx.export(graph, (x,), tmp_path / "d.onnx", input_names=["image"], output_names=["score"],
+                      dynamic_axes={"image": {0: "batch"}, "score": {0: "batch"}}, opset_version=17, dynamo=False)
+    onnx.checker.check_model(str(tmp_path / "d.onnx"))
+    sess = ort.InferenceSession(str(tmp_path / "d.onnx"), providers=["CPUExecutionProvider"])
+    y = torch.rand(5, 1, 32, 32)
+    y[:2, :, :10] = 0.0  # flat regions: many zero Laplacian values
+    got = sess.run(None, {"image": y.numpy()})[0]
+    assert np.allclose(got, noise_floor(y, p.defense.floor_fraction).numpy(), rtol=1e-5, atol=1e-8)

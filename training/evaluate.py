@@ -278,8 +278,7 @@ def sweep_run(run: str | Path, *, flag_rates=SWEEP_FLAG_RATES, steps=SWEEP_STEPS
     """
     from dataclasses import replace
 
-    from training.defense import calibrate_tau
-    from training.train import detector_scores
+    from training.defense import calibrate_tau, detection_scores
 
     profile, sites, info = load_sites(run, source)
     if sites[0].pipe is None:
@@ -292,7 +291,8 @@ def sweep_run(run: str | Path, *, flag_rates=SWEEP_FLAG_RATES, steps=SWEEP_STEPS
             continue
         g = torch.Generator().manual_seed(seed + 1000 * site.site)
         adv = _attack_batched(pgd, site.classifier, x, y, PAPER_LINF, g, batch_size)
-        val_scores = detector_scores(site.pipe.detector, site.data["val"].images, profile)
+        val_scores = detection_scores(site.pipe.detector, site.data["val"].images, profile.defense,
+                                      profile.detector.mask_ratio, profile.detector.mask_seed)
         base = site.pipe
         for fr in flag_rates:
             for k in steps:

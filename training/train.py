@@ -34,7 +34,11 @@ VAL_METRIC = {"classifier": ("val_acc", True), "detector": ("val_score", False),
 
 @torch.no_grad()
 def detector_scores(model, images: np.ndarray, profile: cfgmod.Profile, batch_size: int = 64) -> np.ndarray:
-    """Deterministic detection scores ``[N]`` over the profile's complementary masks."""
+    """The MAE's deterministic reconstruction errors ``[N]`` over the profile's complementary masks.
+
+    This is the detector's own validation metric; the defense's detection
+    score (which may be another statistic) is :func:`training.defense.detection_scores`.
+    """
     model.eval()
     d = profile.detector
     masks, resp = complementary_masks(model.num_patches, d.mask_ratio, d.mask_seed)

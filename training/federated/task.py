@@ -36,13 +36,13 @@ from training.attacks.pgd import pgd
 from training.data.augment import Augment
 from training.data.datasets import Dataset, Split, load_dataset
 from training.data.partition import class_shares, partition, partition_like
-from training.defense import DefensePipeline, calibrate_tau, t_star_of
+from training.defense import DefensePipeline, calibrate_tau, detection_scores, t_star_of
 from training.diffusion import GaussianDiffusion
 from training.engine import batches, cosine_lr, train_one_epoch
 from training.models import create_model
 from training.models.moe import site_local_keys
 from training.objectives import make_objective
-from training.train import VAL_METRIC, detector_scores, evaluate
+from training.train import VAL_METRIC, evaluate
 
 SPLITS = ("train", "val", "test")
 
@@ -254,9 +254,9 @@ def make_defense(classifier, detector, denoiser, profile: cfgmod.Profile, val: S
     """The site's pipeline, tau calibrated on its own clean validation scans."""
     if len(val) == 0:
         raise ValueError("the site has no validation scans to calibrate the detector threshold on")
-    scores = detector_scores(detector, val.images, profile)
-    tau = calibrate_tau(scores, profile.defense.flag_rate)
     d = profile.detector
+    scores = detection_scores(detector, val.images, profile.defense, d.mask_ratio, d.mask_seed)
+    tau = calibrate_tau(scores, profile.defense.flag_rate)
     return DefensePipeline(classifier, detector, denoiser, GaussianDiffusion.from_config(profile.denoiser), tau,
                            profile.defense, d.mask_ratio, d.mask_seed).eval()
 
