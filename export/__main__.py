@@ -14,11 +14,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--parity-scans", type=int, default=64, help="test scans for the parity check (0: all)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle folder")
+    p.add_argument("--defense", action="append", metavar="KEY=VALUE",
+                   help="override the run's defense settings in the bundle, e.g. --defense t_min=150,t_max=250,steps=1")
     args = p.parse_args(argv)
     from export.bundle import export_site
+    from training.config import defense_overrides
 
     try:
-        export_site(args.run, args.site, args.out, opset=args.opset, parity_scans=args.parity_scans, force=args.force)
+        export_site(args.run, args.site, args.out, opset=args.opset, parity_scans=args.parity_scans, force=args.force,
+                    defense=defense_overrides(args.defense))
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -185,7 +185,7 @@ def build_manifest(*, profile: cfgmod.Profile, site: int, run: Path, class_names
 
 
 def export_site(run: str | Path, site: int, out: str | Path, *, opset: int = OPSET, parity_scans: int = 64,
-                force: bool = False, log=print) -> dict:
+                force: bool = False, log=print, defense: dict | None = None) -> dict:
     """Export site ``site`` of ``run`` to the bundle folder ``out``; returns the manifest."""
     from training.evaluate import load_sites
 
@@ -194,7 +194,7 @@ def export_site(run: str | Path, site: int, out: str | Path, *, opset: int = OPS
         raise ValueError(f"opset must be 17 or newer, got {opset}")
     if out.exists() and any(out.iterdir()) and not force:
         raise ValueError(f"{out} exists and is not empty; choose a new --out or pass --force")
-    profile, sites, info = load_sites(run)
+    profile, sites, info = load_sites(run, defense=defense)
     match = [s for s in sites if s.site == site]
     if not match:
         raise ValueError(f"{run} has no site {site}; sites: {[s.site for s in sites]}")

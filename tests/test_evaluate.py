@@ -76,3 +76,21 @@ def test_evaluate_and_sweep_write_complete_reports(tmp_path):
     for a, b in zip(one, full):
         assert b["evals_per_attacked_scan"] >= a["evals_per_attacked_scan"]
     assert (run / "reports" / "sweep.png").exists()
+    # the same models under other defense settings, reported apart
+    over = {"score": "mae", "t_min": 100, "t_max": 200, "steps": 1}
+    rep2 = evaluate_run(run, ("paper",), max_scans=8, defense=over, tag="mae", log=lambda *_: None)
+    assert rep2["defense"]["score"] == "mae" and rep2["defense"]["t_min"] == 100 and rep2["defense_overrides"] == over
+    assert (run / "reports" / "robustness-mae.md").exists() and (run / "reports" / "roc-mae.png").exists()
+    assert json.loads((run / "reports" / "robustness.json").read_text())["defense"]["score"] == "floor"
+
+
+def test_defense_overrides_are_typed_and_validated():
+    assert C.defense_overrides(["t_min=150,t_max=250", "steps=1", "score=mae", "flag_rate=0.1"]) == {
+        "t_min": 150, "t_max": 250, "steps": 1, "score": "mae", "flag_rate": 0.1}
+    assert C.defense_overrides(None) == {}
+    for bad, msg in ((["tmin=3"], "KEY=VALUE"), (["t_min"], "KEY=VALUE"), (["t_min=abc"], "needs a int"),
+                     (["score=psnr"], "defense score"), (["t_min=300,t_max=200"], "t_min <= t_max")):
+        with pytest.raises(ValueError, match=msg):
+            C.defense_overrides(bad)
+    p = C.with_defense(C.get_profile("tiny"), {"t_max": 99})
+    assert p.defense.t_max == 99 and p.classifier == C.get_profile("tiny").classifier

@@ -91,6 +91,7 @@ def cmd_evaluate(args) -> int:
     from training.evaluate import THREATS, evaluate_run
 
     threats = THREATS if args.threat == "all" else (args.threat,)
+    defense = cfgmod.defense_overrides(args.defense)
     adaptive = AdaptiveConfig(
         attack=cfgmod.AttackConfig(eps=args.adaptive_eps, step=args.adaptive_step, steps=args.adaptive_steps),
         eot=args.eot, gradient=args.gradient, attack_purify_steps=args.attack_purify_steps,
@@ -98,13 +99,13 @@ def cmd_evaluate(args) -> int:
     if args.sweep or args.sweep_only:
         from training.evaluate import sweep_run
 
-        sweep_run(args.run, max_scans=args.sweep_max, seed=args.seed, source=args.data)
-        print(f"wrote {args.run}/reports/sweep.md")
+        sweep_run(args.run, max_scans=args.sweep_max, seed=args.seed, source=args.data, defense=defense, tag=args.tag)
+        print(f"wrote {args.run}/reports/sweep{'-' + args.tag if args.tag else ''}.md")
         if args.sweep_only:
             return 0
     report = evaluate_run(args.run, threats, max_scans=args.max_scans, adaptive_max=args.adaptive_max,
-                          adaptive=adaptive, seed=args.seed, source=args.data)
-    print(f"\nwrote {args.run}/reports/robustness.md")
+                          adaptive=adaptive, seed=args.seed, source=args.data, defense=defense, tag=args.tag)
+    print(f"\nwrote {args.run}/reports/{report['files'][0]}")
     for k, v in report["mean"].items():
         print(f"  {k:14s} accuracy {100 * v['acc']:.2f} % over {v['n']} scans")
     return 0
@@ -201,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sweep", action="store_true", help="also sweep flag rate x purification steps (robustness vs. compute)")
     e.add_argument("--sweep-only", action="store_true", help="only the sweep")
     e.add_argument("--sweep-max", type=int, default=64, help="test scans per site in the sweep")
+    e.add_argument("--defense", action="append", metavar="KEY=VALUE",
+                   help="override the run's defense settings, e.g. --defense t_min=150,t_max=250,steps=1 "
+                        "(keys: score, flag_rate, t_min, t_max, ref_ratio, quantum, steps, rule, kappa, floor_fraction)")
+    e.add_argument("--tag", default="", help="write reports/robustness-TAG.* (and sweep-TAG.*) instead")
     e.set_defaults(func=cmd_evaluate)
 
     tb = sub.add_parser("tables", help="the paper's Tables I and II from evaluated runs (one row per method)")

@@ -418,3 +418,27 @@ def _toml_value(v: Any) -> str:
     if v is None:
         raise ValueError("TOML has no null; leave the key out")
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def defense_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["t_min=150", "score=floor"]`` -> typed ``DefenseConfig`` field values (for ``--defense`` options)."""
+    types = {f.name: f.type for f in fields(DefenseConfig)}
+    out: dict[str, Any] = {}
+    for item in items or []:
+        for part in filter(None, item.split(",")):
+            key, sep, value = part.partition("=")
+            key = key.strip().replace("-", "_")
+            if not sep or key not in types:
+                raise ValueError(f"--defense takes KEY=VALUE with KEY one of {sorted(types)}; got {part!r}")
+            kind = {"int": int, "float": float, "str": str}[types[key] if isinstance(types[key], str) else types[key].__name__]
+            try:
+                out[key] = kind(value.strip())
+            except ValueError:
+                raise ValueError(f"--defense {key} needs a {kind.__name__}, got {value!r}") from None
+    DefenseConfig(**out)  # validate the values on their own
+    return out
+
+
+def with_defense(profile: Profile, overrides: dict[str, Any] | None) -> Profile:
+    """``profile`` with its defense settings replaced by ``overrides`` (validated)."""
+    return replace(profile, defense=replace(profile.defense, **overrides)) if overrides else profile

@@ -62,12 +62,18 @@ def _load_model(path: Path, component: str) -> nn.Module:
     return model.eval()
 
 
-def load_sites(run: str | Path, source: str | None = None) -> tuple[cfgmod.Profile, list[Site], dict]:
-    """The run's profile, its sites (classifier, data, pipeline) and a description."""
+def load_sites(run: str | Path, source: str | None = None,
+               defense: dict | None = None) -> tuple[cfgmod.Profile, list[Site], dict]:
+    """The run's profile, its sites (classifier, data, pipeline) and a description.
+
+    ``defense`` overrides the run's defense settings (score, flag rate, t*
+    range, purification steps): the trained models are the same, only the
+    way the scanner-side pipeline uses them changes.
+    """
     run = Path(run)
     if not (run / "config.toml").exists():
         raise FileNotFoundError(f"{run}: not a run folder (no config.toml)")
-    profile = cfgmod.load_toml(run / "config.toml")
+    profile = cfgmod.with_defense(cfgmod.load_toml(run / "config.toml"), defense)
     source = source or _read_source(run)
     federated = (run / "sites").is_dir()
     detector = denoiser = None
@@ -118,13 +124,17 @@ def _through(site: Site, x: torch.Tensor, y: torch.Tensor, seed: int, batch_size
 
 def evaluate_run(run: str | Path, threats: tuple[str, ...] = ("paper",), *, max_scans: int = 0, adaptive_max: int = 64,
                  adaptive: AdaptiveConfig | None = None, seed: int = 0, batch_size: int = 32, log=print,
-                 source: str | None = None) -> dict:
-    """Evaluate every site of ``run`` under ``threats``; returns the report dict (also written to RUN/reports)."""
+                 source: str | None = None, defense: dict | None = None, tag: str = "") -> dict:
+    """Evaluate every site of ``run`` under ``threats``; returns the report dict (also written to RUN/reports).
+
+    ``defense``: overrides of the run's defense settings; ``tag``: the report
+    is written as ``robustness-<tag>.md/json`` (and ``roc-<tag>.png``).
+    """
     for t in threats:
         if t not in THREATS:
             raise ValueError(f"unknown threat {t!r}; choose from {THREATS} or 'all'")
     adaptive = adaptive or AdaptiveConfig()
-    profile, sites, info = load_sites(run, source)
+    profile, sites, info = load_sites(run, source, defense)
     t_all = time.perf_counter()
     rows = []
     for site in sites:
@@ -174,6 +184,7 @@ def evaluate_run(run: str | Path, threats: tuple[str, ...] = ("paper",), *, max_
         "profile": profile.name,
         "threats": list(threats),
         "defense": cfgmod.to_dict(profile)["defense"],
+        "defense_overrides": dict(defense or {}),
         "attacks": {"pgd_linf": asdict(PAPER_LINF), "pgd_l2": asdict(PAPER_L2),
                     "adaptive": adaptive.to_dict() | {"max_scans_per_site": adaptive_max},
                     "transfer_linf": {"attack": "PGD-linf paper setting crafted on site (k+1) mod N's classifier"}},
@@ -188,10 +199,12 @@ def evaluate_run(run: str | Path, threats: tuple[str, ...] = ("paper",), *, max_
     out = Path(run) / "reports"
     out.mkdir(parents=True, exist_ok=True)
     rocs = [(r["site"], r["_roc"]) for r in rows if "_roc" in r]
+    suffix = f"-{tag}" if tag else ""
     if rocs:
-        _roc_plot(rocs, out / "roc.png")
-    (out / "robustness.json").write_text(json.dumps(report, indent=1))
-    (out / "robustness.md").write_text(render_markdown(report, has_roc=bool(rocs)))
+        _roc_plot(rocs, out / f"roc{suffix}.png")
+    report["files"] = [f"robustness{suffix}.md", f"robustness{suffix}.json"] + ([f"roc{suffix}.png"] if rocs else [])
+    (out / f"robustness{suffix}.json").write_text(json.dumps(report, indent=1))
+    (out / f"robustness{suffix}.md").write_text(render_markdown(report, roc=f"roc{suffix}.png" if rocs else ""))
     return report
 
 
@@ -231,7 +244,7 @@ def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.2f} %"
 
 
-def render_markdown(r: dict, has_roc: bool = False) -> str:
+def render_markdown(r: dict, roc: str = "") -> str:
     names = {"clean": "clean (through the pipeline)", "pgd_linf": "PGD L-inf eps 0.015 (paper setting)",
              "pgd_l2": "PGD L2 eps 0.1 (paper setting)", "adaptive": "adaptive PGD on the pipeline",
              "transfer_linf": "transfer PGD L-inf from another site"}
@@ -255,8 +268,8 @@ def render_markdown(r: dict, has_roc: bool = False) -> str:
         lines.append(f"| {s['site']} | {s['n_test']} | {_pct(s['clean_acc_classifier_only'])} | " + " | ".join(cells) + " |")
     lines += ["", "## Attack parameters", "", "```json", json.dumps(r["attacks"], indent=1), "```", "",
               "Defense: " + json.dumps(r["defense"]) + f"; seed {r['seed']}."]
-    if has_roc:
-        lines += ["", "![ROC](roc.png)"]
+    if roc:
+        lines += ["", f"![ROC]({roc})"]
     return "\n".join(lines) + "\n"
 
 
@@ -267,7 +280,8 @@ SWEEP_STEPS = (1, 2, 5, 10, 20, 0)  # 0: every ancestral DDPM step from t*
 
 
 def sweep_run(run: str | Path, *, flag_rates=SWEEP_FLAG_RATES, steps=SWEEP_STEPS, max_scans: int = 64, seed: int = 0,
-              batch_size: int = 32, log=print, source: str | None = None) -> dict:
+              batch_size: int = 32, log=print, source: str | None = None, defense: dict | None = None,
+              tag: str = "") -> dict:
     """Robust accuracy (paper-setting L-inf PGD) and clean accuracy against denoiser evaluations per scan.
 
     For every clean flag rate (which fixes tau on validation scans) and number
@@ -280,7 +294,7 @@ def sweep_run(run: str | Path, *, flag_rates=SWEEP_FLAG_RATES, steps=SWEEP_STEPS
 
     from training.defense import calibrate_tau, detection_scores
 
-    profile, sites, info = load_sites(run, source)
+    profile, sites, info = load_sites(run, source, defense)
     if sites[0].pipe is None:
         raise ValueError(f"{run}: no detector and denoiser in this run; nothing to sweep")
     t_all = time.perf_counter()
@@ -317,10 +331,12 @@ def sweep_run(run: str | Path, *, flag_rates=SWEEP_FLAG_RATES, steps=SWEEP_STEPS
                      "robust_acc": c["adv_hits"] / n, "evals_per_clean_scan": c["clean_evals"] / n,
                      "evals_per_attacked_scan": c["adv_evals"] / n, "seconds_per_scan": c["seconds"] / (2 * n)})
     report = {**info, "profile": profile.name, "attack": asdict(PAPER_LINF), "max_scans_per_site": max_scans,
-              "seed": seed, "rows": rows, "seconds": time.perf_counter() - t_all}
+              "seed": seed, "defense": cfgmod.to_dict(profile)["defense"], "defense_overrides": dict(defense or {}),
+              "rows": rows, "seconds": time.perf_counter() - t_all}
+    suffix = f"-{tag}" if tag else ""
     out = Path(run) / "reports"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(report, indent=1))
+    (out / f"sweep{suffix}.json").write_text(json.dumps(report, indent=1))
     lines = [f"# Robustness against compute: {info['run']}", "",
              f"Paper-setting PGD L-inf (eps 0.015, step 0.003, 7 steps) crafted on each site's classifier; "
              f"{rows[0]['n'] if rows else 0} test scans in all; tau from clean validation scans at each flag rate.", "",
@@ -329,9 +345,10 @@ def sweep_run(run: str | Path, *, flag_rates=SWEEP_FLAG_RATES, steps=SWEEP_STEPS
     for r in rows:
         lines.append(f"| {r['flag_rate']:.2f} | {r['steps']} | {_pct(r['clean_acc'])} | {_pct(r['robust_acc'])} | "
                      f"{r['evals_per_clean_scan']:.2f} | {r['evals_per_attacked_scan']:.2f} | {r['seconds_per_scan']:.3f} |")
-    lines += ["", "![robust accuracy against compute](sweep.png)"]
-    (out / "sweep.md").write_text("\n".join(lines) + "\n")
-    _sweep_plot(rows, out / "sweep.png")
+    lines += ["", f"Defense otherwise: {json.dumps(report['defense'])}.", "",
+              f"![robust accuracy against compute](sweep{suffix}.png)"]
+    (out / f"sweep{suffix}.md").write_text("\n".join(lines) + "\n")
+    _sweep_plot(rows, out / f"sweep{suffix}.png")
     return report
 
 
