@@ -94,3 +94,23 @@ def test_defense_overrides_are_typed_and_validated():
             C.defense_overrides(bad)
     p = C.with_defense(C.get_profile("tiny"), {"t_max": 99})
     assert p.defense.t_max == 99 and p.classifier == C.get_profile("tiny").classifier
+
+
+def test_textured_attack_leaves_flat_regions_and_the_noise_floor_alone():
+    from tests.test_defense import _scans_with_flat_regions
+    from training.attacks.adaptive import textured_support
+    from training.defense import noise_floor
+
+    pipe, _, _ = _pipe()
+    x = _scans_with_flat_regions(4, size=32)
+    y = torch.tensor([0, 1, 0, 1])
+    support = textured_support(x, 0.2)
+    assert 0.3 < float(support.mean()) < 0.8
+    cfg = AdaptiveConfig(attack=C.AttackConfig(steps=3), eot=1, attack_purify_steps=1, support="textured")
+    adv = adaptive_pgd(pipe, x, y, cfg, torch.Generator().manual_seed(0))
+    assert float(((adv - x).abs() * (1 - support)).max()) == 0.0
+    assert float((adv - x).abs().max()) > 0.0
+    assert torch.allclose(noise_floor(adv), noise_floor(x), atol=1e-6)
+    full = adaptive_pgd(pipe, x, y, AdaptiveConfig(attack=C.AttackConfig(steps=3), eot=1, attack_purify_steps=1),
+                        torch.Generator().manual_seed(0))
+    assert bool((noise_floor(full) > noise_floor(x) + 1e-3).all())

@@ -86,6 +86,19 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from training.finetune import finetune_classifier
+
+    attack = cfgmod.AttackConfig(eps=args.attack_eps, step=args.attack_step, steps=args.attack_steps)
+    res = finetune_classifier(args.run, args.out, epochs=args.epochs, lr_scale=args.lr_scale,
+                              adv_fraction=args.adv_fraction, purify_fraction=args.purify_fraction, attack=attack,
+                              defense=cfgmod.defense_overrides(args.defense), source=args.data,
+                              progress=not args.quiet)
+    print(f"fine-tuned classifier in {res['out']}/classifier (best clean + purified val accuracy "
+          f"{res['best_val_score']:.4f}); evaluate it with: python -m training evaluate --run {res['out']}")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from training.attacks.adaptive import AdaptiveConfig
     from training.evaluate import THREATS, evaluate_run
@@ -95,6 +108,7 @@ def cmd_evaluate(args) -> int:
     adaptive = AdaptiveConfig(
         attack=cfgmod.AttackConfig(eps=args.adaptive_eps, step=args.adaptive_step, steps=args.adaptive_steps),
         eot=args.eot, gradient=args.gradient, attack_purify_steps=args.attack_purify_steps,
+        support=args.adaptive_support, flat_fraction=args.flat_fraction,
     )
     if args.sweep or args.sweep_only:
         from training.evaluate import sweep_run
@@ -186,6 +200,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=cmd_report)
 
+    ft = sub.add_parser("finetune", help="adapt a centralised run's classifier to its purifier (new run folder)")
+    ft.add_argument("--run", required=True, help="trained centralised run (classifier, detector, denoiser)")
+    ft.add_argument("--out", required=True, help="new run folder")
+    ft.add_argument("--data", help="data source (default: the one the run was trained on)")
+    ft.add_argument("--epochs", type=int, default=3)
+    ft.add_argument("--lr-scale", type=float, default=0.25, help="fraction of the profile's classifier learning rate")
+    ft.add_argument("--adv-fraction", type=float, default=0.5, help="PGD examples per batch")
+    ft.add_argument("--purify-fraction", type=float, default=0.5, help="purified scans per batch")
+    ft.add_argument("--attack-eps", type=float, default=0.015)
+    ft.add_argument("--attack-step", type=float, default=0.006)
+    ft.add_argument("--attack-steps", type=int, default=3)
+    ft.add_argument("--defense", action="append", metavar="KEY=VALUE", help="defense settings (t* range, steps) to train for")
+    ft.add_argument("--quiet", action="store_true")
+    ft.set_defaults(func=cmd_finetune)
+
     e = sub.add_parser("evaluate", help="robustness of a trained run under PROTOCOL.md; writes RUN/reports/robustness.md")
     e.add_argument("--run", required=True)
     e.add_argument("--threat", choices=("paper", "adaptive", "transfer", "all"), default="paper")
@@ -198,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eot", type=int, default=4, help="purification noise samples per adaptive step")
     e.add_argument("--gradient", choices=("exact", "bpda"), default="exact")
     e.add_argument("--attack-purify-steps", type=int, default=2, help="DDIM steps of the purification the attack differentiates")
+    e.add_argument("--adaptive-support", choices=("all", "textured"), default="all",
+                   help="textured: the adaptive attacker leaves the flattest pixels alone (evades the noise-floor score)")
+    e.add_argument("--flat-fraction", type=float, default=0.2, help="pixels left alone with --adaptive-support textured")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--sweep", action="store_true", help="also sweep flag rate x purification steps (robustness vs. compute)")
     e.add_argument("--sweep-only", action="store_true", help="only the sweep")

@@ -17,6 +17,11 @@ through the detector score, the purification and the classifier:
 - ``gradient="bpda"``: the purification is taken as the identity on the
   backward pass (Athalye et al. 2018), its forward pass is the real one.
 
+``support="textured"`` is the attacker who knows the noise-floor score
+(``defense.score = "floor"``): it leaves the flattest ``flat_fraction`` of
+each scan's pixels, and their neighbours, untouched (no random start there
+either), so the flat regions the score measures stay as clean as they were.
+
 Every iterate is projected to the eps-ball and clamped to [0, 1]. The
 returned scans are then scored on the real pipeline (its own steps, fresh
 noise), never on the surrogate.
@@ -31,7 +36,7 @@ from torch.nn import functional as F
 
 from training.attacks.pgd import project, random_start
 from training.config import AttackConfig
-from training.defense import DefensePipeline, t_star_of
+from training.defense import LAPLACIAN, DefensePipeline, t_star_of
 from training.diffusion import purify
 
 
@@ -43,17 +48,24 @@ class AdaptiveConfig:
     attack_purify_steps: int = 2
     detector_weight: float = 1.0
     temperature: float = 0.05
+    support: str = "all"  # "all" | "textured"
+    flat_fraction: float = 0.2
 
     def __post_init__(self):
         if self.gradient not in ("exact", "bpda"):
             raise ValueError(f"gradient must be 'exact' or 'bpda', got {self.gradient!r}")
+        if self.support not in ("all", "textured"):
+            raise ValueError(f"support must be 'all' or 'textured', got {self.support!r}")
+        if not 0.0 <= self.flat_fraction < 1.0:
+            raise ValueError(f"flat_fraction must be in [0, 1), got {self.flat_fraction}")
         if self.eot < 1 or self.attack_purify_steps < 1:
             raise ValueError("eot and attack_purify_steps must be >= 1")
 
     def describe(self) -> str:
         return (f"adaptive {self.attack.describe()}, EOT {self.eot}, gradient {self.gradient} "
                 f"({self.attack_purify_steps} DDIM steps in the attack), detector term weight {self.detector_weight}, "
-                f"temperature {self.temperature}")
+                f"temperature {self.temperature}"
+                + (f", perturbing only outside the flattest {self.flat_fraction:g} of pixels" if self.support == "textured" else ""))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,6 +104,18 @@ def surrogate_loss(pipe: DefensePipeline, x: torch.Tensor, y: torch.Tensor, cfg:
     return (1 - p) * direct + p * purified - cfg.detector_weight * F.relu(s - tau) / tau
 
 
+def textured_support(x: torch.Tensor, flat_fraction: float) -> torch.Tensor:
+    """``[N, 1, H, W]`` 1 where an attacker may perturb: outside the flattest pixels and their 8 neighbours."""
+    if flat_fraction <= 0:
+        return torch.ones_like(x)
+    kernel = x.new_tensor(LAPLACIAN).view(1, 1, 3, 3)
+    lap = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel).abs()
+    k = max(1, int(flat_fraction * lap[0].numel()))
+    kth = lap.flatten(1).kthvalue(k, dim=1).values.view(-1, 1, 1, 1)
+    flat = (lap <= kth).to(x.dtype)
+    return 1.0 - F.max_pool2d(flat, 3, stride=1, padding=1)
+
+
 def adaptive_pgd(pipe: DefensePipeline, x: torch.Tensor, y: torch.Tensor, cfg: AdaptiveConfig | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Adversarial scans against the whole pipeline (detached, in [0, 1])."""
@@ -99,16 +123,18 @@ def adaptive_pgd(pipe: DefensePipeline, x: torch.Tensor, y: torch.Tensor, cfg: A
     a = cfg.attack
     pipe.eval()
     x = x.detach()
+    support = textured_support(x, cfg.flat_fraction) if cfg.support == "textured" else torch.ones_like(x)
     delta = random_start(x, a, generator) if a.random_start else torch.zeros_like(x)
-    x_adv = (x + project(delta, a.norm, a.eps)).clamp(0.0, 1.0)
+    x_adv = (x + project(delta * support, a.norm, a.eps)).clamp(0.0, 1.0)
     for _ in range(a.steps):
         x_adv.requires_grad_(True)
         loss = surrogate_loss(pipe, x_adv, y, cfg, generator).sum()
         (grad,) = torch.autograd.grad(loss, x_adv)
+        grad = grad * support
         with torch.no_grad():
             if a.norm == "linf":
                 x_adv = x_adv + a.step * grad.sign()
             else:
                 x_adv = x_adv + a.step * grad / (grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 1e-12)
-            x_adv = (x + project(x_adv - x, a.norm, a.eps)).clamp(0.0, 1.0)
+            x_adv = (x + project((x_adv - x) * support, a.norm, a.eps)).clamp(0.0, 1.0)
     return x_adv.detach()

@@ -1,0 +1,184 @@
+"""Adapt a trained classifier to the purifier in front of it (purification-consistent fine-tuning).
+
+A purified scan is not a clean scan: the one-shot or few-step reverse
+diffusion smooths texture, and a classifier trained only on clean scans
+reads some purified "no" scans as "yes". This fine-tuning shows the
+classifier, in every batch,
+
+- PGD examples (``adv_fraction`` of the batch, crafted on the current
+  classifier, as in FAT / pFedDef), and
+- purified scans (``purify_fraction`` of the batch, adversarial or clean,
+  each purified from a t* drawn uniformly from the defense's
+  ``[t_min, t_max]`` with the defense's number of steps),
+
+so that what the pipeline feeds it after purification is in its training
+distribution. Only training scans are used; the checkpoint is chosen on
+clean validation accuracy through the same purification (every validation
+scan purified at the middle of the t* range, fixed noise), never on test.
+
+``python -m training finetune --run RUN --out RUN2 [--epochs 3] [--defense KEY=VALUE]``
+writes a new run folder: the fine-tuned classifier, the same detector and
+denoiser (copied), the defense settings used, and the data record. It is
+evaluated and exported like any run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training import config as cfgmod
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.data.augment import Augment
+from training.data.datasets import Split
+from training.diffusion import GaussianDiffusion, purify
+from training.engine import batches, cosine_lr, train_one_epoch
+from training.federated.task import AdversarialObjective
+from training.models import create_model
+from training.objectives import make_objective
+
+
+@dataclass
+class PurifiedAugmentObjective:
+    """Purify a random ``fraction`` of each batch (t* uniform in ``[t_min, t_max]``) before ``base``."""
+
+    base: object
+    denoiser: torch.nn.Module
+    diffusion: GaussianDiffusion
+    fraction: float
+    t_min: int
+    t_max: int
+    steps: int
+
+    def __call__(self, model, x, y, generator):
+        n = int(round(self.fraction * x.shape[0]))
+        if n > 0:
+            idx = torch.randperm(x.shape[0], generator=generator)[:n]
+            t = int(torch.randint(self.t_min, self.t_max + 1, (1,), generator=generator))
+            with torch.no_grad():
+                purified = purify(self.denoiser, self.diffusion, x[idx], t, self.steps or None, None, generator)
+            x = x.clone()
+            x[idx] = purified
+        return self.base(model, x, y, generator)
+
+
+@torch.no_grad()
+def purified_val_accuracy(model, denoiser, diffusion, split: Split, t: int, steps: int, batch_size: int = 64) -> dict:
+    """Clean and purified (all scans at ``t``, fixed noise) validation accuracy."""
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    hits_clean = hits_pur = 0
+    for i in range(0, len(split), batch_size):
+        x = torch.as_tensor(split.images[i : i + batch_size])[:, None].float()
+        y = torch.as_tensor(split.labels[i : i + batch_size]).long()
+        hits_clean += int((model(x).argmax(1) == y).sum())
+        xp = purify(denoiser, diffusion, x, t, steps or None, None, g)
+        hits_pur += int((model(xp).argmax(1) == y).sum())
+    n = max(len(split), 1)
+    return {"val_acc": hits_clean / n, "val_acc_purified": hits_pur / n,
+            "val_score": 0.5 * (hits_clean + hits_pur) / n}
+
+
+def finetune_classifier(run: str | Path, out: str | Path, *, epochs: int = 3, lr_scale: float = 0.25,
+                        adv_fraction: float = 0.5, purify_fraction: float = 0.5,
+                        attack: cfgmod.AttackConfig | None = None, defense: dict | None = None,
+                        source: str | None = None, progress: bool = True, log=print) -> dict:
+    from training.evaluate import _read_source
+    from training.federated import task
+
+    run, out = Path(run), Path(out)
+    if not (run / "config.toml").exists():
+        raise FileNotFoundError(f"{run}: not a run folder (no config.toml)")
+    if (run / "sites").is_dir():
+        raise ValueError(f"{run} is a federated run; fine-tune its sites with the federated options instead")
+    for comp in ("classifier", "denoiser", "detector"):
+        if not (run / comp / "best.pt").exists():
+            raise FileNotFoundError(f"{run / comp / 'best.pt'} is missing; train the run first")
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not empty; choose a new --out")
+    if not 0.0 <= adv_fraction <= 1.0 or not 0.0 <= purify_fraction <= 1.0 or epochs < 1:
+        raise ValueError("adv_fraction and purify_fraction must be in [0, 1], epochs >= 1")
+    profile = cfgmod.with_defense(cfgmod.load_toml(run / "config.toml"), defense)
+    attack = attack or cfgmod.AttackConfig(step=0.006, steps=3)
+    source = source or _read_source(run)
+    data = task.site_data(source, profile, None, None)
+    train, val = data["train"], data["val"]
+
+    ck = load_checkpoint(run / "classifier" / "best.pt")
+    model = create_model("classifier", profile)
+    model.load_state_dict(ck["model"])
+    dck = load_checkpoint(run / "denoiser" / "best.pt")
+    denoiser = create_model("denoiser", profile)
+    denoiser.load_state_dict(dck["model"])
+    denoiser.eval().requires_grad_(False)
+    diffusion = GaussianDiffusion.from_config(profile.denoiser)
+    d = profile.defense
+    t_val = int(round((d.t_min + d.t_max) / 2))
+
+    objective = make_objective("classifier", profile)
+    objective = PurifiedAugmentObjective(objective, denoiser, diffusion, purify_fraction, d.t_min, d.t_max, d.steps)
+    if adv_fraction > 0:
+        objective = AdversarialObjective(objective, attack, adv_fraction)
+
+    out.mkdir(parents=True, exist_ok=True)
+    for comp in ("denoiser", "detector"):
+        (out / comp).mkdir(exist_ok=True)
+        shutil.copy2(run / comp / "best.pt", out / comp / "best.pt")
+    (out / "config.toml").write_text(cfgmod.dump_toml(profile))
+    (out / "data.txt").write_text((run / "data.txt").read_text())
+    (out / "finetune.json").write_text(json.dumps({
+        "from_run": str(run), "epochs": epochs, "lr_scale": lr_scale, "adv_fraction": adv_fraction,
+        "purify_fraction": purify_fraction, "attack": asdict(attack),
+        "defense": cfgmod.to_dict(profile)["defense"], "selection": f"clean + purified (t={t_val}) val accuracy",
+    }, indent=1))
+    cdir = out / "classifier"
+    cdir.mkdir(exist_ok=True)
+
+    opt_cfg = profile.classifier.optim
+    lr = opt_cfg.lr * lr_scale
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=opt_cfg.weight_decay)
+    generator = torch.Generator().manual_seed(profile.seed + 7)
+    steps_per_epoch = math.ceil(len(train) / opt_cfg.batch_size)
+    total = epochs * steps_per_epoch
+
+    def lr_at(step: int) -> float:
+        return cosine_lr(step, total, 0, lr)
+
+    before = purified_val_accuracy(model, denoiser, diffusion, val, t_val, d.steps)
+    log(f"[finetune] before: val clean {before['val_acc']:.4f}, purified at t={t_val} {before['val_acc_purified']:.4f}")
+    best, step, history = before["val_score"], 0, [{"epoch": 0, **before}]
+    save_checkpoint(cdir / "best.pt", component="classifier", model=model.state_dict(), config=cfgmod.to_dict(profile),
+                    split_digest=data.digest, class_names=data.class_names, metrics=history[0], epoch=0, step=0,
+                    best=best, history=history)
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        stats = train_one_epoch(
+            model, batches(train.images, train.labels, opt_cfg.batch_size, True, generator, drop_last=True),
+            objective, optimizer, generator=generator, augment=Augment(), lr_at=lr_at, start_step=step,
+            grad_clip=opt_cfg.grad_clip, desc=f"finetune {epoch + 1}/{epochs}", progress=progress,
+        )
+        step += stats["steps"]
+        row = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in stats.items()},
+               **purified_val_accuracy(model, denoiser, diffusion, val, t_val, d.steps),
+               "epoch_seconds": time.perf_counter() - t0}
+        history.append(row)
+        with open(cdir / "history.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        improved = row["val_score"] > best
+        if improved:
+            best = row["val_score"]
+            save_checkpoint(cdir / "best.pt", component="classifier", model=model.state_dict(),
+                            config=cfgmod.to_dict(profile), split_digest=data.digest, class_names=data.class_names,
+                            metrics=row, epoch=epoch + 1, step=step, best=best, history=history)
+        log(f"[finetune] epoch {epoch + 1}/{epochs}: val clean {row['val_acc']:.4f}, purified {row['val_acc_purified']:.4f}"
+            f"{' (best)' if improved else ''} ({row['epoch_seconds']:.0f} s)")
+    return {"out": str(out), "best_val_score": best, "history": history,
+            "val_acc_before": before, "t_val": t_val, "n_train": int(len(train)), "seconds": float(np.sum(
+                [h.get("epoch_seconds", 0.0) for h in history]))}
