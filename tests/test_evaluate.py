@@ -105,7 +105,8 @@ def test_textured_attack_leaves_flat_regions_and_the_noise_floor_alone():
     x = _scans_with_flat_regions(4, size=32)
     y = torch.tensor([0, 1, 0, 1])
     support = textured_support(x, 0.2)
-    assert 0.3 < float(support.mean()) < 0.8
+    # at least the flattest 20 % is left alone (ties included), and the textured rest is attacked
+    assert 0.1 < float(support.mean()) <= 0.8
     cfg = AdaptiveConfig(attack=C.AttackConfig(steps=3), eot=1, attack_purify_steps=1, support="textured")
     adv = adaptive_pgd(pipe, x, y, cfg, torch.Generator().manual_seed(0))
     assert float(((adv - x).abs() * (1 - support)).max()) == 0.0
