@@ -125,3 +125,34 @@ def test_purify_train_purifies_flagged_training_scans():
     defense.tau = float("inf")  # none flagged
     stats = task.local_train("classifier", model, data, p, 1, defense=defense)
     assert stats["flagged"] == 0.0
+
+
+def test_classifier_objective_per_method():
+    from dataclasses import replace
+
+    from training.defense import DefensePipeline
+    from training.diffusion import GaussianDiffusion
+    from training.federated.task import (AdversarialObjective, PurifiedAugmentObjective, PurifyingObjective,
+                                         classifier_objective)
+    from training.models import create_model
+    from training.objectives import ClassifierObjective
+
+    p = C.get_profile("tiny")
+    parts = [create_model(c, p).eval() for c in ("classifier", "detector", "denoiser")]
+    pipe = DefensePipeline(*parts, GaussianDiffusion.from_config(p.denoiser), 0.0, p.defense)
+
+    def with_fed(**kw):
+        return replace(p, federated=replace(p.federated, **kw))
+
+    assert isinstance(classifier_objective(with_fed(method="pfeddef")), AdversarialObjective)
+    assert isinstance(classifier_objective(with_fed(method="fedavg")), ClassifierObjective)
+    assert isinstance(classifier_objective(with_fed(method="medfedpure"), pipe), ClassifierObjective)
+    obj = classifier_objective(with_fed(method="medfedpure", purify_fraction=0.5, adv_fraction=0.5), pipe)
+    assert isinstance(obj, AdversarialObjective) and isinstance(obj.base, PurifiedAugmentObjective)
+    assert obj.base.t_min == p.defense.t_min and obj.base.fraction == 0.5
+    obj = classifier_objective(with_fed(method="medfedpure", purify_train=True, purify_fraction=0.25, adv_fraction=0.0), pipe)
+    assert isinstance(obj, PurifyingObjective) and isinstance(obj.base, PurifiedAugmentObjective)
+    # without the denoiser (no defense carried) a medfedpure site trains on plain batches
+    assert isinstance(classifier_objective(with_fed(method="medfedpure", purify_fraction=0.5), None), ClassifierObjective)
+    with pytest.raises(ValueError, match="purify_fraction"):
+        C.FederatedConfig(purify_fraction=1.5)

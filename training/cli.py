@@ -20,7 +20,7 @@ def _profile(args) -> cfgmod.Profile:
 FED_FLAGS = {  # command-line flag -> FederatedConfig field
     "method": "method", "sites": "sites", "rounds": "rounds", "local_epochs": "local_epochs",
     "defense_rounds": "defense_rounds", "defense_local_epochs": "defense_local_epochs", "partition": "partition",
-    "proximal_mu": "proximal_mu", "adv_fraction": "adv_fraction", "eval_every": "eval_every", "eval_max": "eval_max",
+    "proximal_mu": "proximal_mu", "adv_fraction": "adv_fraction", "purify_fraction": "purify_fraction", "eval_every": "eval_every", "eval_max": "eval_max",
 }
 
 
@@ -175,7 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--partition", help="iid | dirichlet:ALPHA | quantity:ALPHA | profile")
     f.add_argument("--fedbn", action="store_true", help="keep batch-norm statistics and affine parameters at the sites")
     f.add_argument("--proximal-mu", type=float, help="FedProx term mu/2 ||w - w_global||^2 in every local objective")
-    f.add_argument("--adv-fraction", type=float, help="fraction of each batch trained adversarially (fat, pfeddef)")
+    f.add_argument("--adv-fraction", type=float, help="fraction of each batch trained adversarially "
+                   "(fat, pfeddef; medfedpure with --purify-fraction)")
+    f.add_argument("--purify-fraction", type=float, help="medfedpure: fraction of each batch purified "
+                   "(purification-consistent training)")
     f.add_argument("--purify-train", action="store_true", help="medfedpure: purify flagged training scans (Alg. 3)")
     f.add_argument("--eval-every", type=int, help="evaluate every N rounds")
     f.add_argument("--eval-max", type=int, help="at most N test scans per site in per-round evaluation (0: all)")

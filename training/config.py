@@ -130,6 +130,8 @@ class DefenseConfig:
     flagged scan is purified from t* = ``t_min`` (score at tau) rising linearly
     to ``t_max`` (score at ``ref_ratio`` * tau), rounded to a multiple of
     ``quantum``, with ``steps`` DDIM steps (0: every ancestral DDPM step).
+    The defaults (t* 100..150, one step: the denoiser's one-shot estimate)
+    were chosen on Br35H validation scans, docs/detection.md.
 
     ``score`` is the detection statistic: ``"floor"`` (default), the noise
     floor of the scan -- the mean of the lowest ``floor_fraction`` of its
@@ -147,11 +149,11 @@ class DefenseConfig:
     """
 
     flag_rate: float = 0.05
-    t_min: int = 50
-    t_max: int = 120
+    t_min: int = 100
+    t_max: int = 150
     ref_ratio: float = 2.0
     quantum: int = 10
-    steps: int = 10
+    steps: int = 1
     rule: str = "tau"
     kappa: float = 0.5
     score: str = "floor"
@@ -186,6 +188,13 @@ class FederatedConfig:
     experts with personal gates + adversarial training on a fraction
     ``adv_fraction`` of each batch), ``medfedpure`` (mixture of experts with
     personal gates, trained after a federated denoiser and detector).
+    ``purify_fraction`` > 0 (medfedpure): purification-consistent training --
+    that fraction of every local batch is purified by the federated denoiser
+    (t* uniform in the defense's range, the defense's steps), and
+    ``adv_fraction`` of it is PGD examples made first, so the classifier sees
+    what the pipeline feeds it (see ``training/finetune.py``).
+    ``purify_train`` (medfedpure): the scans the detector flags are purified
+    before each step (the paper's Algorithm 3, lines 10-13).
     ``defense_rounds`` / ``defense_local_epochs`` (0: as ``rounds`` /
     ``local_epochs``) schedule the denoiser and detector phases. ``fedbn`` keeps
     batch-norm at the sites; ``proximal_mu`` > 0 adds mu/2 ||w - w_global||^2
@@ -204,6 +213,7 @@ class FederatedConfig:
     proximal_mu: float = 0.0
     adv_fraction: float = 0.5
     purify_train: bool = False
+    purify_fraction: float = 0.0
     eval_every: int = 1
     eval_max: int = 0
     train_attack: AttackConfig = field(default_factory=AttackConfig)
@@ -216,6 +226,8 @@ class FederatedConfig:
             raise ValueError("sites, rounds and local_epochs must be >= 1")
         if not 0.0 <= self.adv_fraction <= 1.0:
             raise ValueError(f"adv_fraction must be in [0, 1], got {self.adv_fraction}")
+        if not 0.0 <= self.purify_fraction <= 1.0:
+            raise ValueError(f"purify_fraction must be in [0, 1], got {self.purify_fraction}")
 
     @property
     def phase_rounds(self) -> dict[str, int]:

@@ -28,7 +28,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -40,33 +40,9 @@ from training.data.augment import Augment
 from training.data.datasets import Split
 from training.diffusion import GaussianDiffusion, purify
 from training.engine import batches, cosine_lr, train_one_epoch
-from training.federated.task import AdversarialObjective
+from training.federated.task import AdversarialObjective, PurifiedAugmentObjective
 from training.models import create_model
 from training.objectives import make_objective
-
-
-@dataclass
-class PurifiedAugmentObjective:
-    """Purify a random ``fraction`` of each batch (t* uniform in ``[t_min, t_max]``) before ``base``."""
-
-    base: object
-    denoiser: torch.nn.Module
-    diffusion: GaussianDiffusion
-    fraction: float
-    t_min: int
-    t_max: int
-    steps: int
-
-    def __call__(self, model, x, y, generator):
-        n = int(round(self.fraction * x.shape[0]))
-        if n > 0:
-            idx = torch.randperm(x.shape[0], generator=generator)[:n]
-            t = int(torch.randint(self.t_min, self.t_max + 1, (1,), generator=generator))
-            with torch.no_grad():
-                purified = purify(self.denoiser, self.diffusion, x[idx], t, self.steps or None, None, generator)
-            x = x.clone()
-            x[idx] = purified
-        return self.base(model, x, y, generator)
 
 
 @torch.no_grad()

@@ -153,7 +153,7 @@ def run_server(grid: Grid, run_dir: str | Path, profile: cfgmod.Profile, data_so
             msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(base_cfg)), grid))
             for m in msgs:
                 for name, rec in extra.items():
-                    if fed.purify_train:
+                    if fed.purify_train or fed.purify_fraction > 0:
                         m.content[name] = rec
             replies = list(grid.send_and_receive(msgs, timeout=ROUND_TIMEOUT))
             ok = _check(replies, len(msgs), f"{phase} round {rnd} training", log)

@@ -37,7 +37,7 @@ from training.data.augment import Augment
 from training.data.datasets import Dataset, Split, load_dataset
 from training.data.partition import class_shares, partition, partition_like
 from training.defense import DefensePipeline, calibrate_tau, detection_scores, t_star_of
-from training.diffusion import GaussianDiffusion
+from training.diffusion import GaussianDiffusion, purify
 from training.engine import batches, cosine_lr, train_one_epoch
 from training.models import create_model
 from training.models.moe import site_local_keys
@@ -183,6 +183,48 @@ class PurifyingObjective:
         return loss, {**metrics, "flagged": float(flagged.float().mean())}
 
 
+@dataclass
+class PurifiedAugmentObjective:
+    """Purify a random ``fraction`` of each batch (t* uniform in ``[t_min, t_max]``) before ``base``."""
+
+    base: object
+    denoiser: nn.Module
+    diffusion: GaussianDiffusion
+    fraction: float
+    t_min: int
+    t_max: int
+    steps: int
+
+    def __call__(self, model, x, y, generator):
+        n = int(round(self.fraction * x.shape[0]))
+        if n > 0:
+            idx = torch.randperm(x.shape[0], generator=generator)[:n]
+            t = int(torch.randint(self.t_min, self.t_max + 1, (1,), generator=generator))
+            with torch.no_grad():
+                purified = purify(self.denoiser, self.diffusion, x[idx], t, self.steps or None, None, generator)
+            x = x.clone()
+            x[idx] = purified
+        return self.base(model, x, y, generator)
+
+
+def classifier_objective(profile: cfgmod.Profile, defense: DefensePipeline | None = None):
+    """The classifier's local objective for the run's method (see ``FederatedConfig``)."""
+    fed, d = profile.federated, profile.defense
+    objective = make_objective("classifier", classifier_profile(profile))
+    if fed.method in ("fat", "pfeddef") and fed.adv_fraction > 0:
+        return AdversarialObjective(objective, fed.train_attack, fed.adv_fraction)
+    if fed.method != "medfedpure" or defense is None:
+        return objective
+    if fed.purify_fraction > 0:
+        objective = PurifiedAugmentObjective(objective, defense.denoiser, defense.diffusion, fed.purify_fraction,
+                                             d.t_min, d.t_max, d.steps)
+    if fed.purify_train:
+        objective = PurifyingObjective(objective, defense)
+    if fed.purify_fraction > 0 and fed.adv_fraction > 0:
+        objective = AdversarialObjective(objective, fed.train_attack, fed.adv_fraction)
+    return objective
+
+
 def proximal_term(model: nn.Module, reference: dict[str, torch.Tensor], mu: float):
     """``extra_loss`` for FedProx: mu/2 * ||w - w_global||^2 over the shared parameters."""
     params = [(p, reference[n]) for n, p in model.named_parameters() if n in reference]
@@ -218,11 +260,7 @@ def local_train(
     def lr_at(step: int) -> float:  # one cosine schedule over the whole run, as centrally
         return cosine_lr(step, total, warmup, opt.lr)
 
-    objective = make_objective(phase, classifier_profile(profile))
-    if phase == "classifier" and fed.method in ("fat", "pfeddef") and fed.adv_fraction > 0:
-        objective = AdversarialObjective(objective, fed.train_attack, fed.adv_fraction)
-    if phase == "classifier" and fed.method == "medfedpure" and fed.purify_train and defense is not None:
-        objective = PurifyingObjective(objective, defense)
+    objective = classifier_objective(profile, defense) if phase == "classifier" else make_objective(phase, profile)
     extra = proximal_term(model, global_shared, fed.proximal_mu) if fed.proximal_mu > 0 and global_shared else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
     generator = torch.Generator().manual_seed(zlib.crc32(f"{profile.seed}/{phase}/{data.site}/{server_round}".encode()))
