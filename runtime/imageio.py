@@ -15,6 +15,7 @@ import numpy as np
 
 SUPPORTED_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm")
 
+MAX_PIXELS = 50_000_000  # a scan is far smaller; larger files are refused before they are decoded
 _PNG_IEND = b"\x00\x00\x00\x00IEND"  # zero length + chunk type of the final chunk
 _JPEG_EOI = b"\xff\xd9"
 
@@ -76,8 +77,37 @@ def _check_truncation(path: Path, data: bytes) -> None:
         raise ImageReadError(path, "truncated PNG (no IEND chunk)")
 
 
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from a PNG or JPEG header without decoding the pixels, when it can be found."""
+    if data.startswith(b"\x89PNG") and len(data) >= 24 and data[12:16] == b"IHDR":
+        return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
+    if data.startswith(b"\xff\xd8"):
+        i = 2
+        while i + 9 < len(data):
+            if data[i] != 0xFF:
+                i += 1
+                continue
+            marker = data[i + 1]
+            if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+                return int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(data[i + 7 : i + 9], "big")
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+                i += 2 if marker != 0xFF else 1
+                continue
+            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
+
+
+def _check_pixels(path: Path, height: int, width: int) -> None:
+    if height * width > MAX_PIXELS:
+        raise ImageReadError(path, f"image too large ({height}x{width} pixels; at most {MAX_PIXELS // 1_000_000} "
+                                   "megapixels are read)")
+
+
 def _read_raster(path: Path, data: bytes) -> np.ndarray:
     _check_truncation(path, data)
+    size = _header_size(data)
+    if size is not None:
+        _check_pixels(path, *size)
     try:
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:
@@ -157,6 +187,7 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ImageReadError(
             path, f"unsupported suffix {path.suffix!r}; supported: {', '.join(SUPPORTED_SUFFIXES)}"
         )
+    _check_pixels(path, img.shape[0], img.shape[1])
     if img.shape[0] < 2 or img.shape[1] < 2:
         raise ImageReadError(path, f"image too small ({img.shape[0]}x{img.shape[1]} pixels)")
     if not np.isfinite(img).all():

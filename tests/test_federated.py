@@ -132,8 +132,12 @@ def test_classifier_objective_per_method():
 
     from training.defense import DefensePipeline
     from training.diffusion import GaussianDiffusion
-    from training.federated.task import (AdversarialObjective, PurifiedAugmentObjective, PurifyingObjective,
-                                         classifier_objective)
+    from training.federated.task import (
+        AdversarialObjective,
+        PurifiedAugmentObjective,
+        PurifyingObjective,
+        classifier_objective,
+    )
     from training.models import create_model
     from training.objectives import ClassifierObjective
 
