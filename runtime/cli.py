@@ -12,6 +12,9 @@ Commands:
   record and the others go on. Exit 0: every input succeeded; 3: some failed
   (the rest are written); 2: usage error (no bundle, nothing to read, ...).
 - ``runtime info --bundle DIR``: verify a bundle and print what it holds.
+- ``runtime bench --bundle DIR --data TRAFFIC.npz --batch-sizes 1,8,32 --traffic clean,attacked --out DIR``:
+  latency percentiles, per-stage time, throughput, flag rate, first-run
+  cost, memory and the machine (``runtime/bench.py``).
 - ``runtime calibrate --bundle DIR --clean DIR --flag-rate 0.05 --out NEW``:
   tau from a site's own clean scans, written into a copy of the bundle with a
   new manifest (the files and their sha256 are unchanged).
@@ -331,6 +334,20 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from runtime.bench import run_bench, write_reports
+
+    sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    r = run_bench(args.bundle, args.data, engine=args.engine, device=args.device, precision=args.precision,
+                  threads=args.threads, batch_sizes=sizes, traffics=[t for t in args.traffic.split(",") if t],
+                  modes=[m for m in args.mode.split(",") if m], iters=args.iters, seconds=args.seconds,
+                  warmup=args.warmup, seed=args.seed, gpu_hour_price=args.gpu_hour_price,
+                  log=(lambda *_: None) if args.quiet else (lambda s: print(s, file=sys.stderr)))
+    out = write_reports(r, args.out)
+    print(f"wrote {out}/bench.json, bench.md and bench.html")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="runtime", description="MedFedPure at the scanner (no torch needed).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -359,6 +376,27 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="verify a bundle and print what it holds")
     info.add_argument("--bundle", required=True)
     info.set_defaults(func=cmd_info)
+
+    b = sub.add_parser("bench", help="latency, throughput and the cost of safety; writes JSON, markdown and HTML")
+    b.add_argument("--bundle", required=True)
+    b.add_argument("--data", required=True, help="traffic file (.npz) from python -m benchmarks.traffic")
+    b.add_argument("--engine", choices=("ort", "trt", "torch"), default="ort")
+    b.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    b.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    b.add_argument("--threads", type=int, default=0)
+    b.add_argument("--batch-sizes", default="1,8,32", help="comma-separated")
+    b.add_argument("--traffic", default="clean", help="comma-separated: clean, attacked, mix:F")
+    b.add_argument("--mode", default="adaptive", help="comma-separated: adaptive (the defense), always (purify "
+                   "every scan), classify (classifier only)")
+    g = b.add_mutually_exclusive_group()
+    g.add_argument("--iters", type=int, default=30, help="steady-state batches per configuration")
+    g.add_argument("--seconds", type=float, default=0.0, help="steady-state seconds per configuration instead")
+    b.add_argument("--warmup", type=int, default=3, help="batches run first and reported apart")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--gpu-hour-price", type=float, help="price of one machine hour: adds cost per 10,000 scans")
+    b.add_argument("--out", required=True, help="report folder")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=cmd_bench)
 
     cal = sub.add_parser("calibrate", help="re-derive tau from a site's own clean scans; writes a new bundle")
     cal.add_argument("--bundle", required=True)

@@ -81,14 +81,32 @@ class Pipeline:
                 h = (np.sqrt(a[t_prev]) * x0 + np.sqrt(1.0 - a[t_prev]) * eps).astype(np.float32)
         return np.clip((h + 1.0) * 0.5, 0.0, 1.0).astype(np.float32)
 
-    def run(self, x: np.ndarray, seed: int = 0) -> dict:
-        """``x [N, 1, S, S]`` float32 in [0, 1] -> probabilities, scores, flags, t*, the seed and stage timings."""
+    MODES = ("adaptive", "always", "classify")
+
+    def run(self, x: np.ndarray, seed: int = 0, mode: str = "adaptive") -> dict:
+        """``x [N, 1, S, S]`` float32 in [0, 1] -> probabilities, scores, flags, t*, the seed and stage timings.
+
+        ``mode="adaptive"`` is the defense (purify the flagged scans). The two
+        others exist to price it: ``"always"`` purifies every scan (t* from
+        the score, at least ``t_min``) and ``"classify"`` runs the classifier
+        alone (no detection, no purification).
+        """
+        if mode not in self.MODES:
+            raise ValueError(f"unknown pipeline mode {mode!r}; choose one of {self.MODES}")
         x = np.ascontiguousarray(x, dtype=np.float32)
-        timings = {}
+        timings = {"detect": 0.0}
+        if mode == "classify":
+            t0 = time.perf_counter()
+            probs = np.asarray(self.engine.classify(x), dtype=np.float32)
+            zeros = np.zeros(len(x), np.float32)
+            return {"probs": probs, "scores": zeros, "flagged": zeros.astype(bool), "t_star": zeros.astype(np.int64),
+                    "seed": seed, "timings": {"detect": 0.0, "purify": 0.0, "classify": time.perf_counter() - t0}}
         t0 = time.perf_counter()
         scores = np.asarray(self.engine.score(x), dtype=np.float32)
         timings["detect"] = time.perf_counter() - t0
         flagged = scores > self.cfg.tau
+        if mode == "always":
+            flagged = np.ones(len(x), bool)
         t_star = np.where(flagged, t_star_of(scores, self.cfg), 0)
         t0 = time.perf_counter()
         x_in = x
