@@ -99,9 +99,15 @@ def load_sites(run: str | Path, source: str | None = None,
 
 
 def _test(site: Site, max_scans: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The site's test scans in a fixed random order (seed 0), the first ``max_scans`` of them (0: all).
+
+    Splits list their scans by class; the random order makes every prefix
+    (``--max-scans``, ``--adaptive-max``, ``--sweep-max``) a sample of both classes.
+    """
     t: Split = site.data["test"]
     n = len(t) if max_scans <= 0 else min(len(t), max_scans)
-    return torch.as_tensor(t.images[:n])[:, None].float(), torch.as_tensor(t.labels[:n]).long()
+    idx = np.random.default_rng(0).permutation(len(t))[:n]
+    return torch.as_tensor(t.images[idx])[:, None].float(), torch.as_tensor(t.labels[idx]).long()
 
 
 def _attack_batched(fn, target, x: torch.Tensor, y: torch.Tensor, cfg, g: torch.Generator, batch_size: int) -> torch.Tensor:

@@ -320,7 +320,8 @@ def evaluate_site(
     g = torch.Generator().manual_seed(profile.seed + 7919 * data.site)
     hits = {"clean_acc": 0, "pgd_acc": 0, "clean_acc_classifier": 0, "pgd_acc_classifier": 0,
             "flag_rate_clean": 0, "flag_rate_pgd": 0}
-    for x, y in batches(test.images[:n], test.labels[:n], batch_size, False):
+    idx = np.random.default_rng(0).permutation(len(test))[:n]  # a sample of both classes (splits list by class)
+    for x, y in batches(test.images[idx], test.labels[idx], batch_size, False):
         x_adv = pgd(model, x, y, fed.eval_attack, g)
         with torch.no_grad():
             hits["clean_acc_classifier"] += int((model(x).argmax(1) == y).sum())

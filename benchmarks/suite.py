@@ -1,0 +1,199 @@
+"""The benchmark suite (``make bench``): latency, the cost of safety and robustness against compute, in one run.
+
+``python -m benchmarks.suite --run RUN --bundle BUNDLE --out benchmarks/results/bench-NAME``
+
+1. Traffic: ``benchmarks/data/<bundle>.npz`` (made if missing, ``benchmarks.traffic``).
+2. Latency suite, ``runtime bench`` on the ONNX Runtime engine: batch sizes
+   1, 8, 32; clean and attacked traffic; the defense (``adaptive``), purify
+   every scan (``always``) and the classifier alone (``classify``).
+3. The PyTorch eager pipeline (``training.defense.DefensePipeline``, the same
+   models) on the same traffic at batch 1, timed the same way.
+4. Robustness against compute on the run's test scans: the defense at a 5 %
+   clean flag rate with 1, 2, 5, 10 DDIM steps and with every DDPM step
+   from t*, under paper-setting PGD.
+
+Every ratio is measured within this one run (these machines are noisy):
+runtime against PyTorch, the defense against classify-only and
+always-purify, k respaced steps against full DDPM. Writes ``summary.md`` and
+``summary.json`` (and the latency reports under ``latency/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TARGETS = {"ort_speedup": 2.0, "clean_overhead": 1.25, "respaced_gap_points": 1.0, "respaced_cost_ratio": 10.0}
+
+
+def torch_eager_latency(run: str, traffic_path: str, *, attacked: bool, iters: int, warmup: int, seed: int = 0,
+                        site: int = 0, defense: dict | None = None) -> dict:
+    """Batch-1 end-to-end latency (ms) of the PyTorch eager pipeline on the traffic file."""
+    from runtime.bench import Traffic, percentiles
+    from runtime.preprocess import preprocess
+    from training.evaluate import load_sites
+
+    profile, sites, _ = load_sites(run, defense=defense)
+    pipe = [s for s in sites if s.site == site][0].pipe
+    traffic = Traffic(traffic_path)
+    src = traffic.attacked if attacked else traffic.clean
+    cfg = profile.preprocess
+    g = torch.Generator().manual_seed(seed)
+    samples, flagged = [], 0
+    with torch.no_grad():
+        for it in range(warmup + iters):
+            i = it % len(traffic)
+            t0 = time.perf_counter()
+            preprocess(traffic.raw[i].astype(np.float32) / 255.0, cfg)
+            out = pipe.run(torch.from_numpy(src[i][None, None]), g)
+            dt = time.perf_counter() - t0
+            if it >= warmup:
+                samples.append(1000.0 * dt)
+                flagged += int(out["flagged"].sum())
+    return {"latency_ms": percentiles(samples), "flag_rate": flagged / max(len(samples), 1), "iterations": iters,
+            "threads": torch.get_num_threads()}
+
+
+def run_suite(run: str, bundle: str, out: str, *, n: int = 64, iters: int = 20, warmup: int = 3,
+              sweep_max: int = 64, skip_sweep: bool = False, log=print) -> dict:
+    from benchmarks.traffic import make_traffic
+    from runtime.bench import run_bench, write_reports
+    from runtime.bundle import Bundle
+    from training import config as cfgmod
+
+    t_all = time.perf_counter()
+    out_p = Path(out)
+    out_p.mkdir(parents=True, exist_ok=True)
+    b = Bundle.load(bundle)
+    defense = cfgmod.to_dict(cfgmod.from_dict(b.manifest["provenance"]["profile"]))["defense"]
+    traffic = Path("benchmarks/data") / f"{Path(bundle).name}.npz"
+    if not traffic.exists():
+        log(f"making traffic {traffic} from {run} ...")
+        make_traffic(run, str(traffic), n=n)
+    log("latency suite (runtime, ONNX Runtime) ...")
+    lat = run_bench(bundle, str(traffic), engine="ort", batch_sizes=(1, 8, 32), traffics=("clean", "attacked"),
+                    modes=("adaptive", "always", "classify"), iters=iters, warmup=warmup, log=log)
+    write_reports(lat, out_p / "latency")
+
+    def p50(traffic_kind, mode, batch=1):
+        c = [c for c in lat["configs"] if c["traffic"] == traffic_kind and c["mode"] == mode and c["batch_size"] == batch]
+        return c[0]["latency_ms"]["p50"]
+
+    log("PyTorch eager pipeline, batch 1 ...")
+    eager = {k: torch_eager_latency(run, str(traffic), attacked=(k == "attacked"), iters=iters, warmup=warmup,
+                                    defense=defense) for k in ("clean", "attacked")}
+    ratios = {
+        "ort_speedup_clean": eager["clean"]["latency_ms"]["p50"] / p50("clean", "adaptive"),
+        "ort_speedup_attacked": eager["attacked"]["latency_ms"]["p50"] / p50("attacked", "adaptive"),
+        "clean_overhead_vs_classify": p50("clean", "adaptive") / p50("clean", "classify"),
+        "always_vs_classify_clean": p50("clean", "always") / p50("clean", "classify"),
+        "attacked_vs_classify": p50("attacked", "adaptive") / p50("clean", "classify"),
+    }
+    sweep = None
+    if not skip_sweep:
+        from training.evaluate import sweep_run
+
+        log("robustness against compute (paper-setting PGD) ...")
+        sweep = sweep_run(run, flag_rates=(defense["flag_rate"],), steps=(1, 2, 5, 10, 0), max_scans=sweep_max,
+                          defense=defense, tag="suite", log=log)
+        rows = {r["steps"]: r for r in sweep["rows"]}
+        full = rows["full"]
+        for k in (1, 2, 5, 10):
+            r = rows[k]
+            ratios[f"respaced_{k}_cost_ratio"] = full["evals_per_attacked_scan"] / max(r["evals_per_attacked_scan"], 1e-9)
+            ratios[f"respaced_{k}_gap_points"] = 100.0 * (full["robust_acc"] - r["robust_acc"])
+    report = {"run": run, "bundle": bundle, "traffic": str(traffic), "latency": {k: v for k, v in lat.items() if k != "configs"},
+              "latency_configs": [{k: v for k, v in c.items() if k != "samples_ms"} for c in lat["configs"]],
+              "torch_eager": eager, "ratios": ratios, "sweep": sweep, "targets": TARGETS,
+              "command": " ".join(["python -m benchmarks.suite"] + sys.argv[1:]), "seconds": time.perf_counter() - t_all}
+    (out_p / "summary.json").write_text(json.dumps(report, indent=1, default=float))
+    (out_p / "summary.md").write_text(render(report))
+    return report
+
+
+def render(r: dict) -> str:
+    env = r["latency"]["environment"]
+    ratios = r["ratios"]
+    lines = [f"# Benchmark suite: {r['bundle']}", "",
+             f"Produced by: `{r['command']}` ({r['seconds'] / 60:.1f} min) on {env['cpu']}, {env['cores']} cores; "
+             f"ONNX Runtime {env.get('onnxruntime', '?')}, PyTorch {torch.__version__} ({r['torch_eager']['clean']['threads']} threads). "
+             f"Traffic: `{r['traffic']}` (test scans of `{r['run']}` and their paper-setting PGD versions).", "",
+             "## Latency, batch 1 (median of steady-state batches, end to end incl. preprocessing)", "",
+             "| pipeline | clean traffic | attacked traffic |", "|---|---:|---:|"]
+    cfgs = r["latency_configs"]
+
+    def get(t, m, b=1, key="p50"):
+        c = [c for c in cfgs if c["traffic"] == t and c["mode"] == m and c["batch_size"] == b]
+        return c[0]["latency_ms"][key] if c else float("nan")
+
+    for m, name in (("adaptive", "runtime, the defense (detect, purify flagged, classify)"),
+                    ("always", "runtime, purify every scan"), ("classify", "runtime, classifier only")):
+        lines.append(f"| {name} | {get('clean', m):.2f} ms | {get('attacked', m):.2f} ms |")
+    e = r["torch_eager"]
+    lines.append(f"| PyTorch eager, the defense | {e['clean']['latency_ms']['p50']:.2f} ms | "
+                 f"{e['attacked']['latency_ms']['p50']:.2f} ms |")
+    lines += ["", "## Ratios measured in this run, against the targets", "",
+              "| comparison | measured | target | met |", "|---|---:|---:|---|"]
+
+    def row(name, v, target, ok):
+        lines.append(f"| {name} | {v:.2f} | {target} | {'yes' if ok else '**no**'} |")
+
+    row("runtime speed-up over PyTorch eager, clean", ratios["ort_speedup_clean"], ">= 2", ratios["ort_speedup_clean"] >= 2)
+    row("runtime speed-up over PyTorch eager, attacked", ratios["ort_speedup_attacked"], ">= 2",
+        ratios["ort_speedup_attacked"] >= 2)
+    row("defense / classify-only cost, clean traffic", ratios["clean_overhead_vs_classify"], "<= 1.25",
+        ratios["clean_overhead_vs_classify"] <= 1.25)
+    row("always-purify / classify-only cost, clean traffic", ratios["always_vs_classify_clean"], "(reference)", True)
+    if r.get("sweep"):
+        for k in (1, 2, 5, 10):
+            gap, cost = ratios[f"respaced_{k}_gap_points"], ratios[f"respaced_{k}_cost_ratio"]
+            lines.append(f"| {k} DDIM step(s) against full DDPM from t*: robust accuracy gap (points) / cost ratio | "
+                         f"{gap:+.2f} / {cost:.1f}x | <= 1 / >= 10x | {'yes' if gap <= 1 and cost >= 10 else '**no**'} |")
+        lines += ["", "## Robustness against compute (paper-setting PGD L-inf, test scans)", "",
+                  "| purification steps | clean acc | robust acc | denoiser evals / attacked scan | s / scan |",
+                  "|---:|---:|---:|---:|---:|"]
+        for s in r["sweep"]["rows"]:
+            lines.append(f"| {s['steps']} | {100 * s['clean_acc']:.2f} % | {100 * s['robust_acc']:.2f} % | "
+                         f"{s['evals_per_attacked_scan']:.2f} | {s['seconds_per_scan']:.3f} |")
+        lines.append(f"\n{r['sweep']['rows'][0]['n']} scans per cell.")
+    lines += ["", "## All latency configurations (runtime)", "",
+              "| traffic | mode | batch | p50 ms | p95 ms | p99 ms | scans/s | flagged |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for c in cfgs:
+        lines.append(f"| {c['traffic']} | {c['mode']} | {c['batch_size']} | {c['latency_ms']['p50']:.2f} | "
+                     f"{c['latency_ms']['p95']:.2f} | {c['latency_ms']['p99']:.2f} | {c['throughput_scans_per_s']:.1f} | "
+                     f"{100 * c['flag_rate']:.1f} % |")
+    lines += ["", "Per-stage times, first-run cost, memory and plots: `latency/bench.md`, `latency/bench.html`."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.suite", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, help="the trained run the bundle was exported from")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=64, help="scans in the traffic file")
+    p.add_argument("--iters", type=int, default=20, help="steady-state batches per latency configuration")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--sweep-max", type=int, default=64, help="test scans in the robustness-vs-compute sweep")
+    p.add_argument("--skip-sweep", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        r = run_suite(args.run, args.bundle, args.out, n=args.n, iters=args.iters, warmup=args.warmup,
+                      sweep_max=args.sweep_max, skip_sweep=args.skip_sweep)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}/summary.md")
+    for k, v in r["ratios"].items():
+        print(f"  {k:32s} {v:8.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
