@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint bench venv clean
 
 venv: $(STAMP)
 
@@ -20,6 +20,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The benchmark suite on a trained edge run and its bundle (Br35H; see benchmarks/suite.py).
+BENCH_RUN ?= runs/br35h-edge-ft
+BENCH_BUNDLE ?= bundles/br35h-edge-ft
+BENCH_OUT ?= benchmarks/results/bench-edge
+bench: $(STAMP)
+	@test -d $(BENCH_RUN) -a -d $(BENCH_BUNDLE) || { echo "make bench needs a trained run $(BENCH_RUN) and its bundle $(BENCH_BUNDLE) (see README: Benchmarks)"; exit 2; }
+	$(PY) -m benchmarks.suite --run $(BENCH_RUN) --bundle $(BENCH_BUNDLE) --out $(BENCH_OUT)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check training runtime export benchmarks tests
