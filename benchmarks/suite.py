@@ -61,7 +61,7 @@ def torch_eager_latency(run: str, traffic_path: str, *, attacked: bool, iters: i
 
 
 def run_suite(run: str, bundle: str, out: str, *, n: int = 64, iters: int = 20, warmup: int = 3,
-              sweep_max: int = 64, skip_sweep: bool = False, log=print) -> dict:
+              sweep_max: int = 64, skip_sweep: bool = False, traffic_path: str | None = None, log=print) -> dict:
     from benchmarks.traffic import make_traffic
     from runtime.bench import run_bench, write_reports
     from runtime.bundle import Bundle
@@ -72,7 +72,7 @@ def run_suite(run: str, bundle: str, out: str, *, n: int = 64, iters: int = 20, 
     out_p.mkdir(parents=True, exist_ok=True)
     b = Bundle.load(bundle)
     defense = cfgmod.to_dict(cfgmod.from_dict(b.manifest["provenance"]["profile"]))["defense"]
-    traffic = Path("benchmarks/data") / f"{Path(bundle).name}.npz"
+    traffic = Path(traffic_path) if traffic_path else Path("benchmarks/data") / f"{Path(bundle).name}.npz"
     if not traffic.exists():
         log(f"making traffic {traffic} from {run} ...")
         make_traffic(run, str(traffic), n=n)
@@ -182,10 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--sweep-max", type=int, default=64, help="test scans in the robustness-vs-compute sweep")
     p.add_argument("--skip-sweep", action="store_true")
+    p.add_argument("--traffic", help="traffic file (default: benchmarks/data/<bundle name>.npz, made if missing)")
     args = p.parse_args(argv)
     try:
         r = run_suite(args.run, args.bundle, args.out, n=args.n, iters=args.iters, warmup=args.warmup,
-                      sweep_max=args.sweep_max, skip_sweep=args.skip_sweep)
+                      sweep_max=args.sweep_max, skip_sweep=args.skip_sweep, traffic_path=args.traffic)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -106,3 +106,18 @@ def test_bench_on_the_tiny_bundle(tiny_run, tiny_bundle, tmp_path):
     assert main(["bench", "--bundle", str(tiny_bundle), "--data", str(tmp_path / "none.npz"), "--out", str(tmp_path)]) == 2
     assert main(["bench", "--bundle", str(tiny_bundle), "--data", str(data), "--traffic", "mix:3",
                  "--out", str(tmp_path)]) == 2
+
+
+@pytest.mark.slow
+def test_suite_measures_every_ratio_in_one_run(tiny_run, tiny_bundle, tmp_path):
+    from benchmarks.suite import main
+
+    assert main(["--run", str(tiny_run), "--bundle", str(tiny_bundle), "--out", str(tmp_path / "s"), "--n", "6",
+                 "--iters", "2", "--warmup", "1", "--sweep-max", "4", "--traffic", str(tmp_path / "t.npz")]) == 0
+    r = json.loads((tmp_path / "s" / "summary.json").read_text())
+    for k in ("ort_speedup_clean", "ort_speedup_attacked", "clean_overhead_vs_classify", "respaced_1_cost_ratio",
+              "respaced_10_gap_points"):
+        assert np.isfinite(r["ratios"][k]), k
+    assert r["ratios"]["respaced_1_cost_ratio"] >= 10  # one step against >= t_min DDPM steps
+    md = (tmp_path / "s" / "summary.md").read_text()
+    assert "Ratios measured in this run" in md and (tmp_path / "s" / "latency" / "bench.html").exists()
