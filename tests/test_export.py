@@ -48,6 +48,9 @@ def test_bundle_is_complete_and_in_parity(tiny_run, tmp_path):
     assert saved["parity"]["passed"] and saved["parity"]["fp32"]["probs_max_abs"] <= 1e-4
     assert saved["detector"]["tau"] > 0 and saved["detector"]["calibration"]["flag_rate"] == 0.05
     assert saved["provenance"]["split_digest"] and saved["class_names"] == ["no", "yes"]
+    # the noise-floor score is computed in fp32 in both variants (fp16 cannot resolve it)
+    assert saved["detector"]["score_kind"] == "floor"
+    assert (out / "detector.fp16.onnx").read_bytes() == (out / "detector.onnx").read_bytes()
     # dynamic batch: 1 and 5 scans through the same session
     s = ort.InferenceSession(str(out / "classifier.onnx"), providers=["CPUExecutionProvider"])
     for n in (1, 5):
