@@ -92,8 +92,8 @@ def test_defense_overrides_are_typed_and_validated():
                      (["score=psnr"], "defense score"), (["t_min=300,t_max=200"], "t_min <= t_max")):
         with pytest.raises(ValueError, match=msg):
             C.defense_overrides(bad)
-    p = C.with_defense(C.get_profile("tiny"), {"t_max": 99})
-    assert p.defense.t_max == 99 and p.classifier == C.get_profile("tiny").classifier
+    p = C.with_defense(C.get_profile("tiny"), {"t_max": 199})
+    assert p.defense.t_max == 199 and p.classifier == C.get_profile("tiny").classifier
 
 
 def test_textured_attack_leaves_flat_regions_and_the_noise_floor_alone():
