@@ -120,6 +120,6 @@ def test_suite_measures_every_ratio_in_one_run(tiny_run, tiny_bundle, tmp_path):
         assert np.isfinite(r["ratios"][k]), k
     assert r["ratios"]["respaced_1_cost_ratio"] >= 10  # one step against >= t_min DDPM steps
     for k in ("clean", "attacked"):  # the paired timing saw every contender on every scan
-        assert set(r["paired"][k]["median_ms"]) == {"runtime", "runtime_classify", "torch_eager"}
+        assert set(r["paired"][k]["median_ms"]) == {"runtime", "runtime_classify"}
     md = (tmp_path / "s" / "summary.md").read_text()
     assert "Ratios measured in this run" in md and (tmp_path / "s" / "latency" / "bench.html").exists()
