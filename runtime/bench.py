@@ -209,9 +209,7 @@ def run_bench(bundle_dir: str, traffic_path: str, *, engine: str = "ort", device
     pipe = Pipeline(eng, PurifyConfig.from_manifest(bundle.manifest))
     load_s = time.perf_counter() - t0
     rss_loaded = rss_mb()
-    pp = bundle.manifest["preprocessing"]
-    cfg = PreprocessConfig(size=int(pp["size"]), threshold=float(pp["threshold"]), margin=float(pp["margin"]),
-                           normalize=bool(pp["normalize"]))
+    cfg = bundle.preprocess_config
     if traffic.clean.shape[-1] != cfg.size:
         raise ValueError(f"traffic scans are {traffic.clean.shape[-1]} px, the bundle expects {cfg.size} px")
     configs = []

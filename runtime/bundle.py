@@ -75,5 +75,14 @@ class Bundle:
         return int(self.manifest["input"]["shape"][-1])
 
     @property
+    def preprocess_config(self):
+        """The bundle's preprocessing as a :class:`runtime.preprocess.PreprocessConfig`."""
+        from runtime.preprocess import PreprocessConfig
+
+        pp = self.manifest["preprocessing"]
+        return PreprocessConfig(size=int(pp["size"]), threshold=float(pp["threshold"]), margin=float(pp["margin"]),
+                                normalize=bool(pp["normalize"]))
+
+    @property
     def class_names(self) -> list[str]:
         return list(self.manifest["class_names"])

@@ -72,12 +72,6 @@ def _inputs(paths: list[str]) -> tuple[list[Path], list[tuple[Path, str]]]:
     return files, missing
 
 
-def _preprocess_config(manifest: dict) -> PreprocessConfig:
-    pp = manifest["preprocessing"]
-    return PreprocessConfig(size=int(pp["size"]), threshold=float(pp["threshold"]), margin=float(pp["margin"]),
-                            normalize=bool(pp["normalize"]))
-
-
 def _provider(engine) -> str:
     d = engine.describe()
     if d.get("engine") == "ort":
@@ -183,7 +177,7 @@ def cmd_infer(args) -> int:
     engine = make_engine(bundle, args.engine, args.device, args.precision, args.threads, log=lambda s: print(s, file=sys.stderr))
     pipe = Pipeline(engine, PurifyConfig.from_manifest(m))
     t_load = time.perf_counter() - t_load
-    cfg = _preprocess_config(m)
+    cfg = bundle.preprocess_config
     names = bundle.class_names
     provider = _provider(engine)
     steps = pipe.cfg.steps
@@ -297,7 +291,7 @@ def cmd_calibrate(args) -> int:
     for f, reason in missing:
         print(f"skipped {f}: {reason}", file=sys.stderr)
     engine = make_engine(bundle, args.engine, args.device, "fp32", args.threads, log=lambda s: print(s, file=sys.stderr))
-    cfg = _preprocess_config(bundle.manifest)
+    cfg = bundle.preprocess_config
     scores, skipped = [], 0
     for start in range(0, len(files), args.batch_size):
         xs = []

@@ -176,10 +176,9 @@ def test_info_and_calibrate(tiny_bundle, scans, tmp_path, capsys):
     assert m["detector"]["calibration"]["previous"]["tau"] == Bundle.load(tiny_bundle).manifest["detector"]["tau"]
     engine = OrtEngine(Bundle.load(new))
     from runtime.imageio import list_images, read_image
-    from runtime.preprocess import PreprocessConfig, preprocess
+    from runtime.preprocess import preprocess
 
-    pp = m["preprocessing"]
-    cfg = PreprocessConfig(size=int(pp["size"]), threshold=pp["threshold"], margin=pp["margin"], normalize=pp["normalize"])
+    cfg = Bundle.load(new).preprocess_config
     x = np.stack([preprocess(read_image(f), cfg) for f in list_images(scans)])[:, None]
     assert (engine.score(x) > m["detector"]["tau"]).mean() == pytest.approx(0.5, abs=0.17)
     # refuses: too few scans, same folder, non-empty output

@@ -45,14 +45,19 @@ def calibrate_tau(clean_scores: np.ndarray, flag_rate: float) -> float:
 LAPLACIAN = ((0.0, 1.0, 0.0), (1.0, -4.0, 1.0), (0.0, 1.0, 0.0))
 
 
+def abs_laplacian(x: torch.Tensor) -> torch.Tensor:
+    """``|Laplacian(x)|`` per pixel ``[N, 1, H, W]``, edges replicated."""
+    kernel = x.new_tensor(LAPLACIAN).view(1, 1, 3, 3)
+    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel).abs()
+
+
 def noise_floor(x: torch.Tensor, fraction: float = 0.1) -> torch.Tensor:
     """Mean of the lowest ``fraction`` of ``|Laplacian(x)|`` per scan ``[N]`` (x ``[N, 1, H, W]``).
 
     Edges are replicated, so a flat border contributes zeros. Differentiable
     (through ``topk``), so an adaptive attacker can aim to keep it low.
     """
-    kernel = x.new_tensor(LAPLACIAN).view(1, 1, 3, 3)
-    lap = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel).abs().flatten(1)
+    lap = abs_laplacian(x).flatten(1)
     k = max(1, math.ceil(fraction * lap.shape[1]))
     return lap.topk(k, dim=1, largest=False).values.mean(1)
 

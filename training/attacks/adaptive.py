@@ -36,7 +36,7 @@ from torch.nn import functional as F
 
 from training.attacks.pgd import project, random_start
 from training.config import AttackConfig
-from training.defense import LAPLACIAN, DefensePipeline, t_star_of
+from training.defense import DefensePipeline, abs_laplacian, t_star_of
 from training.diffusion import purify
 
 
@@ -108,8 +108,7 @@ def textured_support(x: torch.Tensor, flat_fraction: float) -> torch.Tensor:
     """``[N, 1, H, W]`` 1 where an attacker may perturb: outside the flattest pixels and their 8 neighbours."""
     if flat_fraction <= 0:
         return torch.ones_like(x)
-    kernel = x.new_tensor(LAPLACIAN).view(1, 1, 3, 3)
-    lap = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel).abs()
+    lap = abs_laplacian(x)
     k = max(1, int(flat_fraction * lap[0].numel()))
     kth = lap.flatten(1).kthvalue(k, dim=1).values.view(-1, 1, 1, 1)
     flat = (lap <= kth).to(x.dtype)
