@@ -98,6 +98,71 @@ def test_simulated_medfedpure_run_personalizes_and_resumes(tmp_path, capsys):
     assert "[classifier] round 1/2" not in log and "[denoiser] round 1/1: training" not in log
 
 
+@pytest.mark.slow
+def test_inprocess_fedavg_run_without_ray(tmp_path):
+    from training.federated.run import run_federated
+
+    p = C.resolve("tiny", {"federated": {"method": "fedavg", "sites": 3, "rounds": 2, "eval_max": 8}})
+    out = tmp_path / "run"
+    summary = run_federated(p, "synth:120", out, threads_per_site=1, backend="inprocess", log=lambda *_: None)
+    assert summary["sites"] == 3 and 0.0 <= summary["mean_clean_acc"] <= 1.0
+    rows = [json.loads(line) for line in (out / "metrics" / "rounds.jsonl").read_text().splitlines()]
+    for kind in ("train", "eval"):
+        got = sorted((r["round"], r["site"]) for r in rows if r["kind"] == kind)
+        assert got == [(rnd, k) for rnd in (1, 2) for k in range(3)], kind
+    assert len({r["node"] for r in rows}) == 3
+
+
+def test_inprocess_grid_delivers_keeps_state_and_reports_client_errors():
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.common.constant import ErrorCode
+    from flwr.serverapp.strategy import FedAvg
+
+    from training.federated.inprocess import InProcessGrid
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        k = int(context.node_config["partition-id"])
+        calls = int(context.state["calls"]["n"]) + 1 if "calls" in context.state else 1
+        context.state["calls"] = ConfigRecord({"n": calls})
+        msg.content["config"]["touched"] = k  # a site's own copy: the others never see it
+        if k == 1:
+            raise RuntimeError("site 1 broke")
+        return Message(RecordDict({"arrays": ArrayRecord(), "metrics": MetricRecord(
+            {"site": k, "calls": calls, "n": int(context.node_config["num-partitions"]),
+             "seen": int(msg.content["config"].get("touched", -1) == k)})}), reply_to=msg)
+
+    grid = InProcessGrid(app, 3)
+    nodes = list(grid.get_node_ids())
+    assert len(set(nodes)) == 3 and grid.run.run_id
+    for rnd in (1, 2):
+        msgs = list(FedAvg(min_available_nodes=3).configure_train(rnd, ArrayRecord(), ConfigRecord(), grid))
+        replies = list(grid.send_and_receive(msgs, timeout=60))
+        assert len(replies) == 3 and "touched" not in msgs[0].content["config"]
+        ids = {m.metadata.message_id for m in msgs}
+        assert len(ids) == 3 and "" not in ids
+        assert {m.metadata.reply_to_message_id for m in replies} == ids
+        assert len({m.metadata.message_id for m in replies} | ids) == 6
+        bad = [m for m in replies if m.has_error()]
+        assert len(bad) == 1 and "site 1 broke" in bad[0].error.reason
+        assert bad[0].error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+        for m in replies:
+            assert m.metadata.dst_node_id == 1 and m.metadata.src_node_id in nodes
+            if not m.has_error():
+                met = m.content["metrics"]
+                assert grid.contexts[m.metadata.src_node_id].node_config["partition-id"] == met["site"]
+                assert met["calls"] == rnd and met["n"] == 3 and met["seen"] == 1
+    # the failing site's state is left as it was before its handler ran
+    assert [("calls" in c.state) for c in grid.contexts.values()] == [True, False, True]
+    # a message to an unknown node gets no reply; a ClientApp without the handler answers with an error
+    assert list(grid.send_and_receive([Message(RecordDict(), 12345, "train")])) == []
+    (reply,) = grid.send_and_receive([Message(RecordDict(), nodes[0], "evaluate")])
+    assert reply.has_error() and "evaluate" in reply.error.reason
+
+
 def test_cli_rejects_bad_federated_input(tmp_path, capsys):
     from training.cli import main
 

@@ -21,6 +21,9 @@ FED_FLAGS = {  # command-line flag -> FederatedConfig field
     "method": "method", "sites": "sites", "rounds": "rounds", "local_epochs": "local_epochs",
     "defense_rounds": "defense_rounds", "defense_local_epochs": "defense_local_epochs", "partition": "partition",
     "proximal_mu": "proximal_mu", "adv_fraction": "adv_fraction", "purify_fraction": "purify_fraction", "eval_every": "eval_every", "eval_max": "eval_max",
+    "aggregation": "aggregation", "byzantine": "byzantine", "trim_beta": "trim_beta", "root_size": "root_size",
+    "poison": "poison", "malicious_fraction": "malicious_fraction", "poison_scale": "poison_scale",
+    "dp_clip": "dp_clip", "dp_sigma": "dp_sigma", "dp_weight_sigma": "dp_weight_sigma", "dp_delta": "dp_delta",
 }
 
 
@@ -63,7 +66,8 @@ def cmd_federated(args) -> int:
         parse_scheme(fed["partition"])
     profile = cfgmod.resolve(profile, {"federated": fed})
     summary = run_federated(profile, args.data, args.out, resume=not args.no_resume,
-                            threads_per_site=args.threads_per_site, parallel_sites=args.parallel_sites)
+                            threads_per_site=args.threads_per_site, parallel_sites=args.parallel_sites,
+                            backend=args.backend)
     print(f"\n{summary['method']}: mean clean accuracy {summary['mean_clean_acc']:.4f}, "
           f"mean PGD accuracy {summary['mean_pgd_acc']:.4f} over {summary['sites']} sites -> {args.out}/summary.md")
     return 0
@@ -182,8 +186,22 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--purify-train", action="store_true", help="medfedpure: purify flagged training scans (Alg. 3)")
     f.add_argument("--eval-every", type=int, help="evaluate every N rounds")
     f.add_argument("--eval-max", type=int, help="at most N test scans per site in per-round evaluation (0: all)")
+    g = t.add_argument_group("training-time defenses (docs/training-defenses.md)")
+    g.add_argument("--aggregation", choices=cfgmod.AGGREGATIONS, help="how the server combines the classifier updates")
+    g.add_argument("--byzantine", type=int, help="malicious sites Krum/MultiKrum/Bulyan assume (-1: ceil(0.4 n), within limits)")
+    g.add_argument("--trim-beta", type=float, help="trimmed mean: fraction cut at each end")
+    g.add_argument("--root-size", type=int, help="FLTrust/OptiGradTrust: clean training scans the server holds")
+    g.add_argument("--poison", choices=cfgmod.POISONS, help="experiments: what the malicious sites do")
+    g.add_argument("--malicious-fraction", type=float, help="experiments: fraction of malicious sites")
+    g.add_argument("--poison-scale", type=float, help="lambda of the scaling attacks")
+    g.add_argument("--dp-clip", type=float, help="Fed-Safe: clip every site's update to this L2 norm")
+    g.add_argument("--dp-sigma", type=float, help="Fed-Safe: noise multiplier (noise std = sigma * clip)")
+    g.add_argument("--dp-weight-sigma", type=float, help="Fed-Safe: noise std on the weights a site receives")
+    g.add_argument("--dp-delta", type=float, help="delta of the reported epsilon")
     f.add_argument("--threads-per-site", type=int, default=1, help="torch threads per simulated site")
     f.add_argument("--parallel-sites", type=int, help="sites trained at the same time (default: cores / threads)")
+    f.add_argument("--backend", choices=("ray", "inprocess"), default="ray",
+                   help="simulation engine: ray (sites in parallel) or inprocess (one at a time, no Ray start-up)")
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("synth", help="write synthetic brain-MRI phantoms as PNG (class-per-folder)")

@@ -177,6 +177,8 @@ class DefenseConfig:
 
 
 METHODS = ("local", "fedavg", "fat", "pfeddef", "medfedpure")
+AGGREGATIONS = ("fedavg", "krum", "multikrum", "bulyan", "median", "trimmed", "fltrust", "optigradtrust")
+POISONS = ("none", "scaling", "partial", "signflip", "gaussian", "labelflip")
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,20 @@ class FederatedConfig:
     batch-norm at the sites; ``proximal_mu`` > 0 adds mu/2 ||w - w_global||^2
     to every local objective. ``eval_max`` > 0 caps the test scans per site in
     the per-round evaluation (0: all).
+
+    Training-time defenses (docs/training-defenses.md):
+    ``aggregation`` picks how the server combines the sites' updates
+    (:data:`AGGREGATIONS`; ``byzantine`` is the number of malicious sites
+    Krum / MultiKrum / Bulyan assume, -1: the most each tolerates up to
+    ``ceil(0.4 * sites)``; ``trim_beta`` the fraction cut at each end by the
+    trimmed mean; ``root_size`` the server's root set of clean training scans
+    for FLTrust and OptiGradTrust). ``poison`` makes ``malicious_fraction``
+    of the sites attack (:data:`POISONS`, ``poison_scale`` the lambda of the
+    scaling attacks). ``dp_clip`` > 0 clips every site's update to that L2
+    norm and ``dp_sigma`` adds N(0, (sigma * clip)^2) noise to it at the
+    site (Fed-Safe's distributed noise); ``dp_weight_sigma`` adds noise of
+    that standard deviation to the weights the server sends as well;
+    ``dp_delta`` is the delta of the reported epsilon.
     """
 
     method: str = "medfedpure"
@@ -218,8 +234,35 @@ class FederatedConfig:
     eval_max: int = 0
     train_attack: AttackConfig = field(default_factory=AttackConfig)
     eval_attack: AttackConfig = field(default_factory=AttackConfig)
+    aggregation: str = "fedavg"
+    byzantine: int = -1
+    trim_beta: float = 0.2
+    root_size: int = 64
+    poison: str = "none"
+    malicious_fraction: float = 0.0
+    poison_scale: float = 10.0
+    dp_clip: float = 0.0
+    dp_sigma: float = 0.0
+    dp_weight_sigma: float = 0.0
+    dp_delta: float = 1e-5
 
     def __post_init__(self):
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {self.aggregation!r}; choose one of {AGGREGATIONS}")
+        if self.poison not in POISONS:
+            raise ValueError(f"unknown poisoning {self.poison!r}; choose one of {POISONS}")
+        if not 0.0 <= self.malicious_fraction < 1.0:
+            raise ValueError(f"malicious_fraction must be in [0, 1), got {self.malicious_fraction}")
+        if not 0.0 <= self.trim_beta < 0.5:
+            raise ValueError(f"trim_beta must be in [0, 0.5), got {self.trim_beta}")
+        if self.dp_clip < 0 or self.dp_sigma < 0 or self.dp_weight_sigma < 0:
+            raise ValueError("dp_clip, dp_sigma and dp_weight_sigma must be non-negative")
+        if self.dp_sigma > 0 and self.dp_clip <= 0:
+            raise ValueError("dp_sigma needs dp_clip > 0 (the noise is sigma * clip)")
+        if not 0.0 < self.dp_delta < 1.0:
+            raise ValueError(f"dp_delta must be in (0, 1), got {self.dp_delta}")
+        if self.root_size < 1:
+            raise ValueError("root_size must be >= 1")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
         if self.sites < 1 or self.rounds < 1 or self.local_epochs < 1:

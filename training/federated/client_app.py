@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 import os
 import time
+import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,7 +34,7 @@ from flwr.clientapp import ClientApp
 
 from training import config as cfgmod
 from training.checkpoint import save_checkpoint
-from training.federated import task
+from training.federated import poison, privacy, task
 
 app = ClientApp()
 
@@ -151,15 +153,59 @@ def _prepare(msg: Message, context: Context, local_round_offset: int):
     return phase, rnd, profile, k, state_dir, data, model, keys
 
 
+def _malicious(profile, k: int | None, phase: str) -> bool:
+    """Whether this simulated site poisons the classifier phase (experiments only; a real site never does)."""
+    fed = profile.federated
+    if k is None or phase != "classifier" or fed.poison == "none":
+        return False
+    return k in poison.malicious_sites(fed.sites, fed.malicious_fraction, profile.seed)
+
+
+def _outgoing(profile, phase: str, rnd: int, site: int, model, state: dict, start: dict, received: dict,
+              malicious: bool) -> dict:
+    """The shared arrays the site sends: ``received`` + its update, poisoned (malicious) or privatised (Fed-Safe).
+
+    The update is taken against ``start``, the weights training began from
+    (``received`` plus Fed-Safe's weight noise, if any). Arrays that are not
+    floating point (batch counters) go as trained.
+    """
+    fed = profile.federated
+    floats = [k2 for k2 in received if state[k2].is_floating_point()]
+    update = {k2: state[k2] - start[k2] for k2 in floats}
+    if malicious and fed.poison != "labelflip":
+        params = {n for n, _ in model.named_parameters()}
+        bad = poison.poison_update(fed.poison, {k2: v for k2, v in update.items() if k2 in params}, fed.poison_scale,
+                                   poison.poison_generator(profile.seed, site, rnd))
+        update.update(bad)
+    elif phase == "classifier" and fed.dp_clip > 0:
+        g = torch.Generator().manual_seed(zlib.crc32(f"dp/{profile.seed}/{site}/{rnd}".encode()))
+        update = privacy.privatize(update, fed.dp_clip, fed.dp_sigma, g)
+    out = {k2: state[k2] for k2 in received}
+    out.update({k2: received[k2] + v for k2, v in update.items()})
+    return out
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     phase, rnd, profile, k, state_dir, data, model, keys = _prepare(msg, context, local_round_offset=1)
+    fed = profile.federated
+    site = data.site if k is not None else -1
+    malicious = _malicious(profile, k, phase)
+    if malicious and fed.poison == "labelflip":
+        tr = data["train"]
+        data = replace(data, splits={**data.splits, "train": replace(tr, labels=poison.flip_labels(tr.labels, len(data.class_names)))})
+    received = {k2: v.clone() for k2, v in model.state_dict().items() if k2 not in keys}
+    if phase == "classifier" and fed.dp_weight_sigma > 0:  # Fed-Safe: noise on the weights received, too
+        g = torch.Generator().manual_seed(zlib.crc32(f"dpw/{profile.seed}/{site}/{rnd}".encode()))
+        model.load_state_dict({**model.state_dict(), **privacy.noisy_weights(received, fed.dp_weight_sigma, g)})
     defense = _defense(msg, profile, model, data) if phase == "classifier" else None
     global_shared = {k2: v.clone() for k2, v in model.state_dict().items() if k2 not in keys}
     stats = task.local_train(phase, model, data, profile, rnd, defense=defense, global_shared=global_shared)
     state = model.state_dict()
     _save_local(context, state_dir, phase, rnd, {k2: v for k2, v in state.items() if k2 in keys})
-    shared = {k2: v for k2, v in state.items() if k2 not in keys}
+    shared = _outgoing(profile, phase, rnd, site, model, state, global_shared, received, malicious)
+    if fed.poison != "none" and phase == "classifier":
+        stats["malicious"] = int(malicious)
     info = ConfigRecord({"split-digest": data.digest, "state-dir": str(state_dir)})
     content = RecordDict({"arrays": ArrayRecord(shared), "metrics": _metrics(stats, data.site if k is not None else -1),
                           "site-info": info})

@@ -4,12 +4,17 @@
 prepares the run folder (resolved config, split digest, the partition table)
 and runs the ServerApp against N simulated sites. Running the same command
 again resumes from the last finished round.
+
+Two backends simulate the sites: ``ray`` (Flower's simulation engine, sites in
+parallel) and ``inprocess`` (``inprocess.InProcessGrid``: one site after
+another in this process, without Ray's start-up).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 from pathlib import Path
 
 from training import config as cfgmod
@@ -43,17 +48,33 @@ def prepare_run(profile: cfgmod.Profile, data_source: str, out: str | Path, *, r
 
 
 def run_federated(profile: cfgmod.Profile, data_source: str, out: str | Path, *, resume: bool = True,
-                  threads_per_site: int = 1, parallel_sites: int | None = None, log=print) -> dict:
-    """Simulate ``profile.federated.sites`` sites; returns the run summary."""
+                  threads_per_site: int = 1, parallel_sites: int | None = None, backend: str = "ray",
+                  log=print) -> dict:
+    """Simulate ``profile.federated.sites`` sites with ``backend`` (``ray`` | ``inprocess``); returns the run summary.
+
+    ``parallel_sites`` applies to ``ray`` only; ``inprocess`` trains one site at a time.
+    """
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
-    from flwr.simulation import run_simulation
 
     from training.federated.client_app import app as client_app
     from training.federated.server_app import run_server
 
+    if backend not in ("ray", "inprocess"):
+        raise ValueError(f"unknown simulation backend {backend!r} (ray | inprocess)")
     out = prepare_run(profile, data_source, out, resume=resume, log=log)
     fed = profile.federated
+    server_log = partial(print, flush=True)
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    if backend == "inprocess":
+        from training.federated.inprocess import InProcessGrid
+
+        log(f"\nsimulating {fed.sites} sites in this process, one at a time ({threads_per_site} thread(s)) -> {out}")
+        return run_server(InProcessGrid(client_app, fed.sites), out, profile, data_source, threads_per_site,
+                          log=server_log)
+
+    from flwr.simulation import run_simulation
+
     cpus = os.cpu_count() or 1
     parallel = max(1, min(parallel_sites or max(1, cpus // max(1, threads_per_site)), fed.sites))
     result: dict = {}
@@ -64,19 +85,18 @@ def run_federated(profile: cfgmod.Profile, data_source: str, out: str | Path, *,
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         try:
-            result.update(run_server(grid, out, profile, data_source, threads_per_site, log=lambda s: print(s, flush=True)))
+            result.update(run_server(grid, out, profile, data_source, threads_per_site, log=server_log))
         except BaseException as err:  # noqa: BLE001 - surfaced after the simulation stops
             errors.append(err)
             raise
 
-    logging.getLogger("flwr").setLevel(logging.WARNING)
     log(f"\nsimulating {fed.sites} sites ({parallel} at a time, {threads_per_site} thread(s) each) -> {out}")
-    backend = {
+    ray_config = {
         "client_resources": {"num_cpus": max(1, cpus // parallel), "num_gpus": 0.0},
         "init_args": {"num_cpus": cpus, "num_gpus": 0, "logging_level": "error", "log_to_driver": True,
                       "include_dashboard": False},
     }
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=fed.sites, backend_config=backend)
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=fed.sites, backend_config=ray_config)
     if errors:
         raise errors[0]
     if not result:

@@ -34,7 +34,8 @@ from flwr.serverapp import Grid, ServerApp
 from training import config as cfgmod
 from training.checkpoint import save_checkpoint
 from training.federated import task
-from training.federated.strategies import make_strategy
+from training.federated.privacy import PrivacyLedger
+from training.federated.strategies import RootSet, make_strategy
 
 ROUND_TIMEOUT = 24 * 3600.0
 
@@ -123,7 +124,7 @@ def _check(replies: list[Message], expected: int, what: str, log) -> list[Messag
 
 
 def run_server(grid: Grid, run_dir: str | Path, profile: cfgmod.Profile, data_source: str = "",
-               threads_per_site: int = 0, log=print) -> dict:
+               threads_per_site: int = 0, log=print, root_source: str = "") -> dict:
     """Train every phase of ``profile.federated`` over the sites of ``grid``; returns the summary."""
     run_dir = Path(run_dir)
     fed = profile.federated
@@ -141,7 +142,19 @@ def run_server(grid: Grid, run_dir: str | Path, profile: cfgmod.Profile, data_so
             arrays = ArrayRecord(torch.load(run_dir / "server" / f"{phase}.pt", map_location="cpu", weights_only=True))
             if done >= rounds:
                 log(f"[{phase}] all {rounds} rounds already done")
-        strategy = make_strategy(phase, profile, grid_sites=fed.sites)
+        root = None
+        if phase == "classifier" and fed.aggregation in ("fltrust", "optigradtrust") and fed.method != "local":
+            source = root_source or data_source
+            if not source:
+                raise ValueError(f"{fed.aggregation} needs the server's root set: set run-config root-data='/path/to/scans'")
+            root = RootSet(profile, *task.root_set(source, profile))
+            log(f"[{phase}] {fed.aggregation}: server root set of {len(root.labels)} clean training scans")
+        strategy = make_strategy(phase, profile, grid_sites=fed.sites, root=root)
+        ledger = None
+        if phase == "classifier" and fed.dp_sigma > 0:
+            ledger = PrivacyLedger(fed.dp_sigma, fed.sites, fed.dp_delta)
+            if done:
+                ledger.step(min(done, rounds))
         extra = {}
         if phase == "classifier" and fed.method == "medfedpure":
             extra = {name: globals_[name] for name in ("detector", "denoiser")}
@@ -162,6 +175,16 @@ def run_server(grid: Grid, run_dir: str | Path, profile: cfgmod.Profile, data_so
                 raise RuntimeError(f"{phase} round {rnd}: the strategy could not aggregate the sites' updates")
             arrays = new_arrays
             train_rows = _rows_from(ok, {"phase": phase, "round": rnd, "kind": "train", "method": fed.method})
+            trust = getattr(strategy, "last_trust", {})
+            for r in train_rows:
+                if r["node"] in trust:
+                    r["trust"] = trust[r["node"]]
+            if ledger is not None:
+                spent = ledger.step()
+                log(f"[{phase}] round {rnd}: privacy spent per site epsilon {spent['epsilon']:.2f} at delta {fed.dp_delta:g} "
+                    f"(aggregate {spent['epsilon_aggregate']:.2f})")
+                for r in train_rows:
+                    r["dp_epsilon"], r["dp_epsilon_aggregate"] = spent["epsilon"], spent["epsilon_aggregate"]
             rows = list(train_rows)
             if rnd % fed.eval_every == 0 or rnd == rounds:
                 emsgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(base_cfg)), grid))
@@ -208,6 +231,46 @@ def _save_global(run_dir: Path, phase: str, profile: cfgmod.Profile, arrays: Arr
                     step=0, best=None, history=[])
 
 
+def training_defense_summary(rows: list[dict], profile: cfgmod.Profile) -> dict:
+    """Aggregation, poisoning and privacy figures of a run: accuracy at the honest sites, detection, epsilon.
+
+    A site counts as detected in a round when its trust is below 0.5
+    (FLTrust, OptiGradTrust); precision and recall are over all rounds and
+    sites. Which sites were malicious is known in simulation only.
+    """
+    from training.federated.poison import malicious_sites
+
+    fed = profile.federated
+    bad = malicious_sites(fed.sites, fed.malicious_fraction, profile.seed) if fed.poison != "none" else []
+    out: dict = {"aggregation": fed.aggregation, "poison": fed.poison, "malicious_fraction": fed.malicious_fraction,
+                 "malicious_sites": bad}
+    cls = [r for r in rows if r["phase"] == "classifier"]
+    ev = [r for r in cls if r["kind"] == "eval"]
+    if ev:
+        last = max(r["round"] for r in ev)
+        honest = [r for r in ev if r["round"] == last and r["site"] not in bad]
+        out["honest_clean_acc"] = _nanmean(honest, "clean_acc")
+        out["honest_pgd_acc"] = _nanmean(honest, "pgd_acc")
+        out["honest_clean_acc_per_round"] = {
+            int(rnd): _nanmean([r for r in ev if r["round"] == rnd and r["site"] not in bad], "clean_acc")
+            for rnd in sorted({r["round"] for r in ev})}
+    trusted = [r for r in cls if r["kind"] == "train" and "trust" in r]
+    if trusted:
+        flagged = [r for r in trusted if r["trust"] < 0.5]
+        hit = sum(1 for r in flagged if r["site"] in bad)
+        positives = sum(1 for r in trusted if r["site"] in bad)
+        out["detection_precision"] = hit / len(flagged) if flagged else float("nan")
+        out["detection_recall"] = hit / positives if positives else float("nan")
+        out["mean_trust_malicious"] = float(np.mean([r["trust"] for r in trusted if r["site"] in bad])) if positives else float("nan")
+        out["mean_trust_honest"] = float(np.mean([r["trust"] for r in trusted if r["site"] not in bad]))
+    eps = [r["dp_epsilon"] for r in cls if "dp_epsilon" in r]
+    if eps:
+        out["dp_epsilon"] = max(eps)
+        out["dp_epsilon_aggregate"] = max(r["dp_epsilon_aggregate"] for r in cls if "dp_epsilon_aggregate" in r)
+        out["dp"] = {"clip": fed.dp_clip, "sigma": fed.dp_sigma, "weight_sigma": fed.dp_weight_sigma, "delta": fed.dp_delta}
+    return out
+
+
 def write_summary(run_dir: Path, profile: cfgmod.Profile, seconds: float) -> dict:
     """``summary.json`` / ``summary.md``: final per-site figures and the convergence plot."""
     from training.federated.plot import convergence_plot
@@ -236,6 +299,7 @@ def write_summary(run_dir: Path, profile: cfgmod.Profile, seconds: float) -> dic
         if phase in final:
             key = task.VAL_METRIC[phase][0]
             summary[f"{phase}_{key}"] = _nanmean(final[phase], key)
+    summary.update(training_defense_summary(rows, profile))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     plot = convergence_plot([run_dir], run_dir / "convergence.png")
     lines = [f"# Federated run: {fed.method}", "",
@@ -271,5 +335,6 @@ def main(grid: Grid, context: Context) -> None:
         raise FileNotFoundError(f"{run_dir / 'config.toml'} not found on the SuperLink machine "
                                 "(prepare the run folder there with: python -m training deploy-prepare)")
     profile = cfgmod.load_toml(run_dir / "config.toml")
-    run_server(grid, run_dir, profile, data_source="", log=lambda s: print(s, flush=True))
+    run_server(grid, run_dir, profile, data_source="", log=lambda s: print(s, flush=True),
+               root_source=str(rc.get("root-data", "")))
 

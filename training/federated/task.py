@@ -126,10 +126,20 @@ def local_keys(phase: str, model: nn.Module, profile: cfgmod.Profile) -> set[str
     keys = set(model.state_dict())
     if fed.method == "local":
         return keys
+    bn_local = fed.fedbn or (phase == "classifier" and bn_kept_local(fed))
     if phase != "classifier" or fed.method in ("fedavg", "fat"):
         # One expert: its single gate weight is the constant 1, nothing to personalise.
-        return site_local_keys(model, keep_bn_local=True) - _gate_keys(keys) if fed.fedbn else set()
-    return site_local_keys(model, keep_bn_local=fed.fedbn)
+        return site_local_keys(model, keep_bn_local=True) - _gate_keys(keys) if bn_local else set()
+    return site_local_keys(model, keep_bn_local=bn_local)
+
+
+def bn_kept_local(fed: cfgmod.FederatedConfig) -> bool:
+    """Batch-norm stays at the sites with FedBN, with OptiGradTrust (its design) and with Fed-Safe noise.
+
+    Batch-norm running statistics are computed from the scans; under
+    ``dp_sigma`` > 0 they would leave the site without noise, so they stay.
+    """
+    return fed.fedbn or fed.aggregation == "optigradtrust" or fed.dp_sigma > 0
 
 
 def _gate_keys(keys) -> set[str]:
@@ -139,6 +149,26 @@ def _gate_keys(keys) -> set[str]:
 def shared_keys(phase: str, model: nn.Module, profile: cfgmod.Profile) -> list[str]:
     local = local_keys(phase, model, profile)
     return [k for k in model.state_dict() if k not in local]
+
+
+def root_set(source: str, profile: cfgmod.Profile) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The server's root set: ``root_size`` clean training scans, half of each class where possible (seeded).
+
+    In simulation it is drawn from the shared training split, so these scans
+    also stay in the sites' data (the server is assumed to have obtained a
+    small clean sample of the same distribution; docs/training-defenses.md).
+    """
+    data = _dataset(source, profile.preprocess, profile.seed)
+    tr = data["train"]
+    n = min(profile.federated.root_size, len(tr))
+    rng = np.random.default_rng(profile.seed + 31337)
+    classes = np.unique(tr.labels)
+    per = [rng.permutation(np.flatnonzero(tr.labels == c)) for c in classes]
+    take = [p[: n // len(classes)] for p in per]
+    idx = np.concatenate(take)
+    rest = np.setdiff1d(np.arange(len(tr)), idx)
+    idx = np.sort(np.concatenate([idx, rng.permutation(rest)[: n - len(idx)]]))
+    return tr.images[idx], tr.labels[idx], data.class_names
 
 
 # --------------------------------------------------------------------------- local training
