@@ -254,3 +254,30 @@ def test_fed_safe_run_reports_privacy_spent_per_round(tmp_path):
     assert len(eps) == 2 and eps[1][1] > eps[0][1] > 0
     assert summary["dp_epsilon"] == pytest.approx(eps[1][1])
     assert not math.isnan(summary["honest_clean_acc"])
+
+
+def test_rounds_to_95_percent_of_final():
+    from benchmarks.training_defenses import rounds_to
+
+    assert rounds_to([0.5, 0.8, 0.9, 0.95, 1.0]) == 4
+    assert rounds_to([1.0, 0.5, 1.0]) == 1
+    assert rounds_to([]) is None
+
+
+@pytest.mark.slow
+def test_robustness_study_writes_its_table(tmp_path):
+    from benchmarks.training_defenses import main
+
+    cfg = tmp_path / "td.toml"
+    cfg.write_text('profile = "tiny"\n[preprocess]\nsize = 32\n[federated]\nmethod = "fedavg"\nsites = 4\nrounds = 1\n'
+                   'local_epochs = 1\npartition = "iid"\neval_max = 8\n[federated.eval_attack]\nsteps = 0\n')
+    args = ["robustness", "--data", "synth:120", "--config", str(cfg), "--runs", str(tmp_path / "runs"),
+            "--out", str(tmp_path / "out"), "--aggregations", "fedavg,median", "--poisons", "scaling",
+            "--fractions", "0.25"]
+    assert main(args) == 0
+    table = (tmp_path / "out" / "robustness.md").read_text()
+    assert "| median |" in table and "scaling 25 %" in table
+    results = json.loads((tmp_path / "out" / "robustness.json").read_text())
+    assert len(results) == 4 and all(0.0 <= r["honest_clean_acc"] <= 1.0 for r in results)
+    assert main(args) == 0  # finished runs are read back, not repeated
+    assert main(["robustness", "--data", "synth:120", "--config", str(cfg), "--aggregations", "nope"]) == 2

@@ -59,7 +59,7 @@ def cmd_federated(args) -> int:
 
     profile = _profile(args)
     fed = {field: getattr(args, flag) for flag, field in FED_FLAGS.items() if getattr(args, flag) is not None}
-    for flag in ("fedbn", "purify_train"):
+    for flag in ("fedbn", "purify_train", "feature_skew"):
         if getattr(args, flag):
             fed[flag] = True
     if "partition" in fed:
@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dp-sigma", type=float, help="Fed-Safe: noise multiplier (noise std = sigma * clip)")
     g.add_argument("--dp-weight-sigma", type=float, help="Fed-Safe: noise std on the weights a site receives")
     g.add_argument("--dp-delta", type=float, help="delta of the reported epsilon")
+    g.add_argument("--feature-skew", action="store_true", help="simulation: each site's scans re-acquired by its own "
+                   "scanner profile (A-D)")
     f.add_argument("--threads-per-site", type=int, default=1, help="torch threads per simulated site")
     f.add_argument("--parallel-sites", type=int, help="sites trained at the same time (default: cores / threads)")
     f.add_argument("--backend", choices=("ray", "inprocess"), default="ray",

@@ -215,7 +215,11 @@ class FederatedConfig:
     norm and ``dp_sigma`` adds N(0, (sigma * clip)^2) noise to it at the
     site (Fed-Safe's distributed noise); ``dp_weight_sigma`` adds noise of
     that standard deviation to the weights the server sends as well;
-    ``dp_delta`` is the delta of the reported epsilon.
+    ``dp_delta`` is the delta of the reported epsilon. ``feature_skew``
+    (simulation) re-acquires every scan of site k through scanner profile
+    ``SKEW_SCANNERS[k % 4]`` (gamma, blur, Rician noise, bias field; see
+    ``training/data/phantom.py``): the same anatomy looks different at each
+    site, as with different scanners.
     """
 
     method: str = "medfedpure"
@@ -245,6 +249,7 @@ class FederatedConfig:
     dp_sigma: float = 0.0
     dp_weight_sigma: float = 0.0
     dp_delta: float = 1e-5
+    feature_skew: bool = False
 
     def __post_init__(self):
         if self.aggregation not in AGGREGATIONS:

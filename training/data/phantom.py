@@ -406,7 +406,7 @@ def _render_lesion(
     return out
 
 
-def _acquire(rng: np.random.Generator, img: np.ndarray, profile: ScannerProfile) -> np.ndarray:
+def acquire(rng: np.random.Generator, img: np.ndarray, profile: ScannerProfile) -> np.ndarray:
     """Scanner effects on an ideal slice [H, W]: bias, blur, Rician noise, gamma."""
     size = img.shape[0]
     g = _smooth_field(rng, size, 2)
@@ -463,7 +463,7 @@ def make_phantom(
     img, geo = _render_anatomy(p, fields, x, y)
     if tumor:
         img = _render_lesion(img, q, geo, p["levels"], lesion_tex)
-    return _acquire(rng, np.clip(img, 0.0, 1.0), profile)
+    return acquire(rng, np.clip(img, 0.0, 1.0), profile)
 
 
 def image_rng(seed: int, index: int) -> np.random.Generator:

@@ -100,7 +100,25 @@ def site_data(source: str, profile: cfgmod.Profile, site: int | None, n_sites: i
     if n_sites != profile.federated.sites:
         raise ValueError(f"{n_sites} simulated sites but the run is configured for {profile.federated.sites}")
     parts = site_partitions(data, profile)
-    return SiteData(site, n_sites, data.class_names, data.digest, {s: subset(data[s], parts[s][site]) for s in SPLITS})
+    splits = {s: subset(data[s], parts[s][site]) for s in SPLITS}
+    if profile.federated.feature_skew:
+        splits = {s: rescan(split, site, profile.seed, s) for s, split in splits.items()}
+    return SiteData(site, n_sites, data.class_names, data.digest, splits)
+
+
+SKEW_SCANNERS = ("A", "B", "C", "D")
+
+
+def rescan(split: Split, site: int, seed: int, name: str) -> Split:
+    """``split`` as site ``site``'s scanner would have acquired it (``feature_skew``; seeded per scan)."""
+    from training.data.phantom import SCANNER_PROFILES, acquire
+
+    scanner = SCANNER_PROFILES[SKEW_SCANNERS[site % len(SKEW_SCANNERS)]]
+    images = np.empty_like(split.images)
+    for i, img in enumerate(split.images):
+        rng = np.random.default_rng(zlib.crc32(f"rescan/{seed}/{site}/{name}/{i}".encode()))
+        images[i] = acquire(rng, img.astype(np.float32), scanner)
+    return replace(split, images=images, profiles=np.full(len(split), scanner.name))
 
 
 # --------------------------------------------------------------------------- models and what is shared
