@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from training import config as cfgmod
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "td-sweep.toml"
@@ -155,7 +157,14 @@ def fedsafe(base: cfgmod.Profile, data: str, runs: Path, out: Path, sigmas, clip
                                                                                                    "step": paper.step,
                                                                                                    "eps": paper.eps})
     results = []
+    sigmas = sorted(set(sigmas) | {0.0})  # the un-noised run first: it sets C when clip is 0 (auto)
     for sigma in sigmas:
+        if sigma > 0 and clip <= 0:
+            norms = [r["update_norm"] for r in read_rows(runs / "fedsafe-none") if r["kind"] == "train" and "update_norm" in r]
+            if not norms:
+                raise RuntimeError("--clip 0 (auto) needs the un-noised run's update norms (runs/.../fedsafe-none)")
+            clip = float(np.median(norms))
+            log(f"  clip C = {clip:.4g}: the median update norm of the un-noised run")
         fed = {"dp_clip": clip, "dp_sigma": sigma} if sigma > 0 else {}
         name = f"fedsafe-{sigma:g}" if sigma > 0 else "fedsafe-none"
         s = run_one(name, _fed(base, **fed), data, runs, log)
@@ -190,7 +199,7 @@ def fedsafe(base: cfgmod.Profile, data: str, runs: Path, out: Path, sigmas, clip
     (out / "fedsafe.json").write_text(json.dumps(results, indent=1, default=float))
     _fedsafe_plot(results, out / "fedsafe.png", base.federated.dp_delta)
     lines = ["# Fed-Safe: distributed noise against privacy and robustness", "",
-             f"Clip C = {clip}; noise N(0, (sigma C)^2) per coordinate of every site's update. Epsilon per site at "
+             f"Clip C = {clip:.4g}; noise N(0, (sigma C)^2) per coordinate of every site's update. Epsilon per site at "
              f"delta = {base.federated.dp_delta:g} after all rounds (Flower's RDP accountant). PGD: {paper.describe()}, "
              "on each site's classifier. FAT is read off at the last round whose cumulative training time fits the "
              "Fed-Safe runs' (matched cost).", "",
@@ -250,12 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML of the runs' profile")
     p.add_argument("--runs", default="runs/training-defenses", help="folder of the runs")
     p.add_argument("--out", default="benchmarks/results/training-defenses")
-    p.add_argument("--aggregations", default=",".join(cfgmod.AGGREGATIONS))
+    p.add_argument("--aggregations", default="fedavg,optigradtrust,fltrust,median,trimmed,krum,multikrum,bulyan")
     p.add_argument("--poisons", default="scaling,partial,signflip,gaussian,labelflip")
     p.add_argument("--fractions", default="0.3,0.4")
     p.add_argument("--mu", type=float, default=0.01, help="FedProx / FedBN-Prox mu")
-    p.add_argument("--sigmas", default="0,0.5,1,2")
-    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--sigmas", default="0.001,0.003,0.01,0.03,0.1", help="noise multipliers (0, no noise, always runs)")
+    p.add_argument("--clip", type=float, default=0.0, help="clip norm C (0: the median update norm of the un-noised run)")
     args = p.parse_args(argv)
     try:
         base = cfgmod.load_toml(args.config)

@@ -204,6 +204,8 @@ def train(msg: Message, context: Context) -> Message:
     state = model.state_dict()
     _save_local(context, state_dir, phase, rnd, {k2: v for k2, v in state.items() if k2 in keys})
     shared = _outgoing(profile, phase, rnd, site, model, state, global_shared, received, malicious)
+    stats["update_norm"] = privacy.update_norm({k2: state[k2] - global_shared[k2] for k2 in received
+                                                if state[k2].is_floating_point()})  # before clipping / poisoning
     if fed.poison != "none" and phase == "classifier":
         stats["malicious"] = int(malicious)
     info = ConfigRecord({"split-digest": data.digest, "state-dir": str(state_dir)})
