@@ -122,7 +122,7 @@ def rounds_to(curve: list[float], fraction: float = 0.95) -> int | None:
 def fedbn(base: cfgmod.Profile, data: str, runs: Path, out: Path, mu: float, log=print) -> Path:
     from training.federated.plot import convergence_plot, curves
 
-    variants = {"fedavg": {}, "fedprox": {"proximal_mu": mu}, "fedbn": {"fedbn": True},
+    variants = {"fedavg": {"fedbn": False}, "fedprox": {"fedbn": False, "proximal_mu": mu}, "fedbn": {"fedbn": True},
                 "fedbn-prox": {"fedbn": True, "proximal_mu": mu}}
     results = {}
     for name, fed in variants.items():
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--poisons", default="scaling,partial,signflip,gaussian,labelflip")
     p.add_argument("--fractions", default="0.3,0.4")
     p.add_argument("--mu", type=float, default=0.01, help="FedProx / FedBN-Prox mu")
-    p.add_argument("--sigmas", default="0.001,0.003,0.01,0.03,0.1", help="noise multipliers (0, no noise, always runs)")
+    p.add_argument("--sigmas", default="0.001,0.01,0.1", help="noise multipliers (0, no noise, always runs)")
     p.add_argument("--clip", type=float, default=0.0, help="clip norm C (0: the median update norm of the un-noised run)")
     args = p.parse_args(argv)
     try:
