@@ -235,13 +235,18 @@ def _fedsafe_plot(results, path: Path, delta: float) -> None:
     for r in results:
         if r["sigma"] is None and "@" in r["run"]:
             ax.axhline(r["pgd_acc"], ls="--", c="gray", label="FAT PGD, matched cost")
-    ax.set_xlabel("noise multiplier sigma")
+    positive = [v for v in s if v > 0]
+    if positive:
+        ax.set_xscale("symlog", linthresh=min(positive))
+        ax.set_xlim(0, 1.5 * max(positive))
+    ax.set_xlabel("noise multiplier sigma (0: no noise)")
     ax.set_ylabel("accuracy at honest sites")
     ax.set_ylim(0, 1)
     ax2 = ax.twiny()
+    ax2.set_xscale(ax.get_xscale(), **({"linthresh": min(positive)} if positive else {}))
     ax2.set_xlim(ax.get_xlim())
     ax2.set_xticks(s)
-    ax2.set_xticklabels(["∞" if r["epsilon"] is None else f"{r['epsilon']:.1f}" for r in pts])
+    ax2.set_xticklabels(["∞" if r["epsilon"] is None else f"{r['epsilon']:.2g}" for r in pts], fontsize=8)
     ax2.set_xlabel(f"epsilon per site (delta {delta:g})")
     ax.legend(loc="lower left")
     fig.tight_layout()
