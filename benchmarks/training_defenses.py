@@ -13,7 +13,8 @@ repeated, so an interrupted study continues where it stopped::
 - ``robustness``: accuracy at the honest sites of every aggregation under
   every poisoning at each malicious fraction, and with no attack; for
   FLTrust and OptiGradTrust the precision and recall of malicious-site
-  detection (trust below 0.5).
+  detection (an update the aggregation left out: FLTrust trust 0,
+  OptiGradTrust trust below 0.5).
 - ``fedbn``: FedAvg, FedProx, FedBN and FedBN-Prox under feature skew (each
   site's scans re-acquired by its own scanner profile): accuracy per round
   and the rounds each needs to reach 95 % of its final accuracy.
@@ -97,8 +98,8 @@ def _write_robustness(results, base, out: Path, cells, aggregations) -> None:
         lines.append(f"| {agg} | " + " | ".join(row) + " |")
     trust = [r for r in results if r["aggregation"] in ("fltrust", "optigradtrust") and r["poison"] != "none"]
     if trust:
-        lines += ["", "Detection of malicious sites (trust < 0.5, over all rounds): precision / recall (%), "
-                  "mean trust malicious / honest.", "",
+        lines += ["", "Detection of malicious sites (update left out of the aggregate: FLTrust trust 0, OptiGradTrust trust < 0.5; "
+                  "over all rounds): precision / recall (%), mean trust malicious / honest.", "",
                   "| aggregation | poisoning | malicious | precision | recall | trust malicious | trust honest |",
                   "|---|---|---:|---:|---:|---:|---:|"]
         for r in trust:

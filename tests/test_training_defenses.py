@@ -143,7 +143,7 @@ def test_trust_scorer_learns_from_rewards_alone():
     raw = torch.stack([torch.rand(9), robust.cosine(updates, g), torch.zeros(9), torch.zeros(9), torch.zeros(9),
                        torch.zeros(9)], dim=1)
     x = robust.scorer_inputs(raw)
-    ogt = robust.OptiGradTrust(dim=64, seed=0, scorer=robust.TrustScorer(prior=False), policy_lr=0.05)
+    ogt = robust.OptiGradTrust(dim=64, seed=0, scorer=robust.TrustScorer(prior=False), policy_lr=0.2)
     with torch.no_grad():
         before = torch.sigmoid(ogt.scorer(x))
     assert torch.allclose(before, torch.full((9,), 0.5))

@@ -119,7 +119,8 @@ class UpdateVAE(nn.Module):
 class TrustScorer(nn.Module):
     """Trust logits for a round's sites from their fingerprints (n, 6): linear prior + self-attention."""
 
-    PRIOR = (-1.0, 3.0, 1.0, -2.0, 2.0, 2.0)  # one weight per FEATURES entry (after :func:`scorer_inputs`)
+    PRIOR = (-0.5, 1.0, 0.5, -2.0, 0.5, 1.0)  # one weight per FEATURES entry (after :func:`scorer_inputs`)
+    PRIOR_BIAS = 2.0  # the typical site of a round starts at trust sigmoid(2) = 0.88
 
     def __init__(self, width: int = 16, heads: int = 2, prior: bool = True):
         super().__init__()
@@ -128,7 +129,7 @@ class TrustScorer(nn.Module):
         with torch.no_grad():
             if prior:
                 self.linear.weight.copy_(torch.tensor([self.PRIOR]))
-                self.linear.bias.fill_(0.5)
+                self.linear.bias.fill_(self.PRIOR_BIAS)
             else:
                 self.linear.weight.zero_()
                 self.linear.bias.fill_(0.0)
@@ -144,13 +145,39 @@ class TrustScorer(nn.Module):
         return self.linear(x).squeeze(-1) + self.out(h[0]).squeeze(-1)
 
 
+def robust_z(v: torch.Tensor, floor: float = 1e-3) -> torch.Tensor:
+    """``(v - median) / (1.4826 * MAD)``: how far each site lies from the round's typical site.
+
+    The median and MAD belong to the honest majority whenever fewer than half
+    the sites are malicious (the assumption of every Byzantine-robust rule), so
+    the scale is the spread of honest updates, whatever the layer sizes, the
+    learning rate or the round make of the raw values. ``floor`` (plus 5 % of
+    the median's size) keeps a round of near-identical sites from turning
+    rounding noise into large scores.
+    """
+    med = v.median()
+    scale = (1.4826 * (v - med).abs().median()).clamp_min(floor + 0.05 * float(med.abs()))
+    return (v - med) / scale
+
+
 def scorer_inputs(raw: torch.Tensor) -> torch.Tensor:
-    """Scale the raw fingerprint columns (FEATURES order) to comparable ranges for the scorer."""
+    """The scorer's inputs from the raw fingerprint (FEATURES order): each feature relative to the round.
+
+    VAE error: robust z-score of its log. Cosines, sign agreement and Shapley
+    value: robust z-scores (:func:`robust_z`). Norm deviation stays
+    ``|log(norm / median norm)|`` (already relative, and a 10x scaled update
+    should stand out by the same amount in every round). All clamped to
+    [-5, 3]: a site can lose any amount of trust by being unusual, but gain
+    little by looking better than the typical site.
+    """
     x = raw.clone().float()
-    v = x[:, 0].clamp_min(1e-12).log()
-    x[:, 0] = (v - v.median()) / (v - v.median()).abs().median().clamp_min(1e-3)  # robust z-score of log VAE error
-    x[:, 0] = x[:, 0].clamp(-5, 5)
-    x[:, 5] = x[:, 5] / x[:, 5].abs().max().clamp_min(1e-12)
+    x[:, 0] = robust_z(x[:, 0].clamp_min(1e-12).log())
+    for c in (1, 2, 4, 5):
+        x[:, c] = robust_z(x[:, c])
+    x[:, 3] = x[:, 3].clamp(max=5.0)
+    keep = x[:, 3].clone()
+    x = x.clamp(-5.0, 3.0)
+    x[:, 3] = keep
     return x
 
 
@@ -164,8 +191,9 @@ class OptiGradTrust:
     permutations: int = 2
     policy_iters: int = 4
     policy_samples: int = 8
-    policy_lr: float = 0.01
+    policy_lr: float = 0.1
     inclusion_bonus: float = 0.1
+    tether: float = 0.01
     vae_steps: int = 150
     pool_size: int = 64
     scorer: TrustScorer = field(default_factory=TrustScorer)
@@ -177,7 +205,8 @@ class OptiGradTrust:
         self.projection = torch.randn(self.dim, PROJ_DIM, generator=proj_gen) / math.sqrt(PROJ_DIM)
         self.vae = UpdateVAE()
         self.pool: list[torch.Tensor] = []  # projected unit-norm honest updates
-        self.optimizer = torch.optim.Adam(self.scorer.parameters(), lr=self.policy_lr)
+        self.optimizer = torch.optim.SGD(self.scorer.parameters(), lr=self.policy_lr)
+        self.start = [p.detach().clone() for p in self.scorer.parameters()]
 
     def project(self, updates: torch.Tensor) -> torch.Tensor:
         p = updates @ self.projection
@@ -222,9 +251,10 @@ class OptiGradTrust:
                                    + self.inclusion_bonus * float(m.mean()))
                 r = torch.tensor(rewards)
             rewards_seen += rewards
-            adv = (r - r.mean()) / (r.std() + 1e-8) if len(rewards) > 1 else r * 0
+            adv = r - r.mean()  # not divided by the spread: rewards that barely differ must barely move the policy
             logp = (masks * probs.clamp_min(1e-6).log() + (1 - masks) * (1 - probs).clamp_min(1e-6).log()).sum(1)
-            loss = -(adv * logp).mean()
+            loss = -(adv * logp).mean() + self.tether * sum(
+                (p - p0).pow(2).sum() for p, p0 in zip(self.scorer.parameters(), self.start, strict=True))
             self.optimizer.zero_grad()
             loss.backward()
             self.optimizer.step()

@@ -176,9 +176,12 @@ def run_server(grid: Grid, run_dir: str | Path, profile: cfgmod.Profile, data_so
             arrays = new_arrays
             train_rows = _rows_from(ok, {"phase": phase, "round": rnd, "kind": "train", "method": fed.method})
             trust = getattr(strategy, "last_trust", {})
+            excluded = getattr(strategy, "last_excluded", {})
             for r in train_rows:
                 if r["node"] in trust:
                     r["trust"] = trust[r["node"]]
+                if r["node"] in excluded:
+                    r["excluded"] = excluded[r["node"]]
             if ledger is not None:
                 spent = ledger.step()
                 log(f"[{phase}] round {rnd}: privacy spent per site epsilon {spent['epsilon']:.2f} at delta {fed.dp_delta:g} "
@@ -234,9 +237,10 @@ def _save_global(run_dir: Path, phase: str, profile: cfgmod.Profile, arrays: Arr
 def training_defense_summary(rows: list[dict], profile: cfgmod.Profile) -> dict:
     """Aggregation, poisoning and privacy figures of a run: accuracy at the honest sites, detection, epsilon.
 
-    A site counts as detected in a round when its trust is below 0.5
-    (FLTrust, OptiGradTrust); precision and recall are over all rounds and
-    sites. Which sites were malicious is known in simulation only.
+    A site counts as detected in a round when the aggregation left its update
+    out (FLTrust: trust 0, i.e. its update points away from the root set's;
+    OptiGradTrust: trust below its threshold); precision and recall are over
+    all rounds and sites. Which sites were malicious is known in simulation only.
     """
     from training.federated.poison import malicious_sites
 
@@ -256,7 +260,7 @@ def training_defense_summary(rows: list[dict], profile: cfgmod.Profile) -> dict:
             for rnd in sorted({r["round"] for r in ev})}
     trusted = [r for r in cls if r["kind"] == "train" and "trust" in r]
     if trusted:
-        flagged = [r for r in trusted if r["trust"] < 0.5]
+        flagged = [r for r in trusted if r.get("excluded", r["trust"] < 0.5)]
         hit = sum(1 for r in flagged if r["site"] in bad)
         positives = sum(1 for r in trusted if r["site"] in bad)
         out["detection_precision"] = hit / len(flagged) if flagged else float("nan")

@@ -142,6 +142,7 @@ class RootTrust(FedAvg):
         self._global: ArrayRecord | None = None
         self.ogt: robust.OptiGradTrust | None = None
         self.last_trust: dict[int, float] = {}
+        self.last_excluded: dict[int, bool] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._global = arrays
@@ -161,12 +162,15 @@ class RootTrust(FedAvg):
         refs = self.root.reference_updates(glob, keys, server_round, extra=2 if self.rule == "optigradtrust" else 0)
         if self.rule == "fltrust":
             agg, trust = robust.fltrust(updates, refs[0])
+            excluded = (trust <= 0).tolist()
         else:
             if self.ogt is None:
                 self.ogt = robust.OptiGradTrust(dim=updates.shape[1], seed=self.seed)
             agg, info = self.ogt.aggregate(updates, sizes / sizes.sum(), refs[0], refs,
                                            lambda v: self.root.loss(glob, keys, v))
             trust = torch.tensor(info["trust"])
+            excluded = [not k for k in info["kept"]]
+        self.last_excluded = {int(m.metadata.src_node_id): bool(e) for m, e in zip(valid, excluded, strict=True)}
         self.last_trust = {int(m.metadata.src_node_id): float(t) for m, t in zip(valid, trust, strict=True)}
         new = dict(glob)
         new.update(unflatten(agg, glob, keys, add=True))
