@@ -154,6 +154,41 @@ def test_trust_scorer_learns_from_rewards_alone():
     assert np.mean(rewards[-5:]) > np.mean(rewards[:5])
 
 
+def test_scorer_inputs_are_relative_to_the_round():
+    """The same round at another scale gives the same scorer inputs; an outlier stands out by its z-score."""
+    gen = torch.Generator().manual_seed(0)
+    raw = torch.stack([torch.rand(10, generator=gen) + 1, 0.02 + 0.01 * torch.randn(10, generator=gen),
+                       0.01 * torch.randn(10, generator=gen), torch.rand(10, generator=gen),
+                       0.01 * torch.randn(10, generator=gen), 0.01 * torch.randn(10, generator=gen)], dim=1)
+    raw[0, 1] = -0.05  # one site points away from the reference, 7 honest spreads below the median
+    x = robust.scorer_inputs(raw)
+    scaled = raw.clone()
+    scaled[:, [1, 2, 4, 5]] *= 10
+    scaled[:, 0] *= 3
+    assert torch.allclose(robust.scorer_inputs(scaled), x, atol=1e-4)
+    assert float(x[0, 1]) == -5.0 and float(x[1:, 1].min()) > -3.0
+    assert torch.equal(x[:, 3], raw[:, 3])  # norm deviation is already relative
+    flat = robust.robust_z(torch.full((6,), 0.3) + torch.tensor([0, 0, 0, 0, 0, 1e-7]))
+    assert float(flat.abs().max()) < 1e-3  # near-identical sites: rounding noise is not an outlier
+
+
+def test_fltrust_detection_counts_updates_left_out(tmp_path):
+    """FLTrust trust is a cosine (small in high dimensions): a site counts as detected when its trust is 0."""
+    from training.federated.server_app import training_defense_summary
+
+    profile = cfgmod.resolve(cfgmod.get_profile("tiny"), {"federated": {
+        "sites": 4, "aggregation": "fltrust", "poison": "signflip", "malicious_fraction": 0.25}})
+    bad = poison.malicious_sites(4, 0.25, profile.seed)
+    rows = [{"phase": "classifier", "kind": "train", "round": 1, "site": s,
+             "trust": 0.0 if s in bad else 0.03, "excluded": s in bad} for s in range(4)]
+    out = training_defense_summary(rows, profile)
+    assert out["detection_precision"] == 1.0 and out["detection_recall"] == 1.0
+    honest = next(s for s in range(4) if s not in bad)
+    rows[honest]["excluded"] = True  # one honest site left out too
+    out = training_defense_summary(rows, profile)
+    assert out["detection_recall"] == 1.0 and out["detection_precision"] == 0.5
+
+
 def test_shapley_values_rank_helpful_updates_first():
     updates, _, loss_of, honest = _round(seed=2)
     phi = robust.shapley_values(updates, loss_of, permutations=4, generator=torch.Generator().manual_seed(0))
@@ -244,6 +279,7 @@ def test_optigradtrust_run_reports_trust_and_detection(tmp_path):
     for key in ("detection_precision", "detection_recall", "honest_clean_acc", "mean_trust_malicious"):
         assert key in summary and not math.isnan(summary[key]), key
     assert summary["mean_trust_malicious"] < summary["mean_trust_honest"]
+    assert all(isinstance(r["excluded"], bool) and r["excluded"] == (r["trust"] < 0.5) for r in train)
 
 
 @pytest.mark.slow

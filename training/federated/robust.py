@@ -24,6 +24,7 @@ update is rescaled to ``||g_0||`` and the trust-weighted mean is applied.
    random orders; the value of a coalition is the loss of the global model
    plus the coalition's mean update);
 
+each taken relative to the round's typical site (:func:`scorer_inputs`),
 turned into trust weights in [0, 1] by :class:`TrustScorer`, a linear
 scorer with an interpretable starting point plus one self-attention layer
 over the round's sites (each site's weight can depend on the others'
@@ -31,9 +32,10 @@ fingerprints). The scorer is a **policy trained by REINFORCE** on-line, every
 round: it samples which sites to include (Bernoulli(trust)), the reward is
 the relative root-set loss decrease (clipped to [-1, 1]) of the included sites' mean update, plus a
 small bonus for the fraction included (averaging more honest updates lowers a
-variance that a small root set cannot measure), and the
-policy-gradient step raises the trust of sites whose inclusion lowers the
-loss. The applied update is the trust-weighted mean (weights
+variance that a small root set cannot measure), and a plain policy-gradient
+step on the baseline-subtracted reward (tethered to the starting weights)
+raises the trust of sites whose inclusion lowers the loss, by as much as the
+reward tells them apart. The applied update is the trust-weighted mean (weights
 ``trust_i * n_i``; sites with trust below ``threshold`` are left out and
 counted as detected) of the updates clipped to the median norm. Batch-norm
 stays at the sites (the strategy keeps it local, FedBN).
