@@ -136,6 +136,17 @@ def test_optigradtrust_weights_sign_flipped_updates_below_honest_ones():
     assert np.array(info["fingerprints"]).shape == (9, len(robust.FEATURES))
 
 
+def test_optigradtrust_is_fixed_by_its_seed_not_by_the_global_rng():
+    trusts = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        updates, g, loss_of, _ = _round(seed=3)
+        refs = torch.stack([g, g, g])
+        info = robust.OptiGradTrust(dim=64, seed=0).aggregate(updates, torch.full((9,), 1 / 9), g, refs, loss_of)[1]
+        trusts.append(info["trust"])
+    assert trusts[0] == trusts[1]
+
+
 def test_trust_scorer_learns_from_rewards_alone():
     """From an uninformative start (no prior), REINFORCE on the root-loss reward separates the sites."""
     torch.manual_seed(0)

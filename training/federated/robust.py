@@ -198,14 +198,18 @@ class OptiGradTrust:
     tether: float = 0.01
     vae_steps: int = 150
     pool_size: int = 64
-    scorer: TrustScorer = field(default_factory=TrustScorer)
+    scorer: TrustScorer | None = None  # None: a TrustScorer with the prior, initialised from ``seed``
     history: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
         self.generator = torch.Generator().manual_seed(self.seed + 7)
         proj_gen = torch.Generator().manual_seed(self.seed + 11)
         self.projection = torch.randn(self.dim, PROJ_DIM, generator=proj_gen) / math.sqrt(PROJ_DIM)
-        self.vae = UpdateVAE()
+        with torch.random.fork_rng(devices=[]):  # initial weights from the seed, not from the global RNG's state
+            torch.manual_seed(self.seed + 13)
+            self.vae = UpdateVAE()
+            if self.scorer is None:
+                self.scorer = TrustScorer()
         self.pool: list[torch.Tensor] = []  # projected unit-norm honest updates
         self.optimizer = torch.optim.SGD(self.scorer.parameters(), lr=self.policy_lr)
         self.start = [p.detach().clone() for p in self.scorer.parameters()]

@@ -105,6 +105,13 @@ def _rows_from(replies: list[Message], base: dict) -> list[dict]:
     return sorted(rows, key=lambda r: (r["site"], r["node"]))
 
 
+def _site_key(m: Message) -> tuple[int, int]:
+    """A reply's site (the partition index a simulated site reports; a real site's node ID) for ordering."""
+    records = list(m.content.metric_records.values()) if m.content is not None else []
+    site = int(records[0].get("site", -1)) if records else -1
+    return (site if site >= 0 else int(m.metadata.src_node_id), int(m.metadata.src_node_id))
+
+
 def _nanmean(rows: list[dict], key: str) -> float:
     vals = [r[key] for r in rows if key in r and isinstance(r[key], (int, float)) and not math.isnan(r[key])]
     w = [r.get("num-examples", 1) for r in rows if key in r and isinstance(r[key], (int, float)) and not math.isnan(r[key])]
@@ -112,7 +119,8 @@ def _nanmean(rows: list[dict], key: str) -> float:
 
 
 def _check(replies: list[Message], expected: int, what: str, log) -> list[Message]:
-    ok = [m for m in replies if not m.has_error()]
+    """The replies without errors, in site order (not arrival order: aggregation then does not depend on timing)."""
+    ok = sorted((m for m in replies if not m.has_error()), key=_site_key)
     for m in replies:
         if m.has_error():
             log(f"  site node {m.metadata.src_node_id} failed in {what}: {m.error.reason}")
