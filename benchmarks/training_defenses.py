@@ -2,7 +2,8 @@
 
 Each study is a set of federated runs of one configuration (by default
 ``benchmarks/configs/td-sweep.toml``: small models on 48 px scans, 10 sites,
-Dirichlet 0.5), simulated in this process (``--backend inprocess``). Every
+Dirichlet 0.5, 5 rounds; for ``robustness`` ``td-robustness.toml``, the same
+for 10 rounds, evaluated on whole test sets), simulated in this process (``--backend inprocess``). Every
 run has its own folder under ``--runs``; a finished run is read back, not
 repeated, so an interrupted study continues where it stopped::
 
@@ -36,6 +37,7 @@ import numpy as np
 from training import config as cfgmod
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "td-sweep.toml"
+STUDY_CONFIG = {"robustness": Path(__file__).parent / "configs" / "td-robustness.toml"}
 
 
 def run_one(name: str, profile: cfgmod.Profile, data: str, runs: Path, log=print) -> dict:
@@ -290,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.training_defenses", description=__doc__.split("\n\n")[0])
     p.add_argument("study", choices=("robustness", "fedbn", "fedsafe"))
     p.add_argument("--data", required=True, help="data source (Br35H folder or synth[:N])")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML of the runs' profile")
+    p.add_argument("--config", default="", help="TOML of the runs' profile (default: td-robustness.toml for "
+                   "robustness, td-sweep.toml for the others)")
     p.add_argument("--runs", default="runs/training-defenses", help="folder of the runs")
     p.add_argument("--out", default="benchmarks/results/training-defenses")
     p.add_argument("--aggregations", default="fedavg,optigradtrust,fltrust,median,trimmed,krum,multikrum,bulyan")
@@ -302,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip", type=float, default=0.0, help="clip norm C (0: the median update norm of the un-noised run)")
     args = p.parse_args(argv)
     try:
-        base = cfgmod.load_toml(args.config)
+        base = cfgmod.load_toml(args.config or STUDY_CONFIG.get(args.study, DEFAULT_CONFIG))
         runs, out = Path(args.runs), Path(args.out)
         if args.study == "robustness":
             aggs = [a for a in args.aggregations.split(",") if a]
