@@ -113,7 +113,7 @@ def test_suite_measures_every_ratio_in_one_run(tiny_run, tiny_bundle, tmp_path):
     from benchmarks.suite import main
 
     assert main(["--run", str(tiny_run), "--bundle", str(tiny_bundle), "--out", str(tmp_path / "s"), "--n", "6",
-                 "--iters", "2", "--warmup", "1", "--sweep-max", "4", "--traffic", str(tmp_path / "t.npz")]) == 0
+                 "--iters", "2", "--warmup", "1", "--blocks", "2", "--sweep-max", "4", "--traffic", str(tmp_path / "t.npz")]) == 0
     r = json.loads((tmp_path / "s" / "summary.json").read_text())
     for k in ("ort_speedup_clean", "ort_speedup_attacked", "clean_overhead_vs_classify", "respaced_1_cost_ratio",
               "respaced_10_gap_points"):
@@ -121,5 +121,8 @@ def test_suite_measures_every_ratio_in_one_run(tiny_run, tiny_bundle, tmp_path):
     assert r["ratios"]["respaced_1_cost_ratio"] >= 10  # one step against >= t_min DDPM steps
     for k in ("clean", "attacked"):  # the paired timing saw every contender on every scan
         assert set(r["paired"][k]["median_ms"]) == {"runtime", "runtime_classify"}
+        alt = r["alternating"][k]  # runtime against eager: one ratio per block pair, the median reported
+        assert len(alt["speedup_per_block"]) == 2 == len(alt["block_median_ms"]["eager"])
+        assert r["ratios"][f"ort_speedup_{k}"] == pytest.approx(float(np.median(alt["speedup_per_block"])))
     md = (tmp_path / "s" / "summary.md").read_text()
     assert "Ratios measured in this run" in md and (tmp_path / "s" / "latency" / "bench.html").exists()
