@@ -267,6 +267,23 @@ def test_config_rejects_bad_defense_settings():
         cfgmod.resolve("tiny", {"federated": {"malicious_fraction": 1.0}})
 
 
+def test_root_set_reference_updates_do_not_depend_on_the_global_rng():
+    """The server's reference training (dropout included) is fixed by the seed and the round."""
+    profile = cfgmod.resolve("tiny", {"federated": {"root_size": 16, "local_epochs": 1}})
+    images, labels, names = task.root_set("synth:120", profile)
+    root = strategies.RootSet(profile, images, labels, names)
+    glob = {k: v.clone() for k, v in root.model.state_dict().items()}
+    keys = [k for k, v in glob.items() if v.is_floating_point() and k not in root.local_keys]
+    start = {k: v.clone() for k, v in root.local_state.items()}
+    refs = []
+    for global_seed in (1, 2):
+        root.local_state = {k: v.clone() for k, v in start.items()}
+        torch.manual_seed(global_seed)
+        refs.append(root.reference_updates(glob, keys, server_round=1, extra=1))
+    assert refs[0].shape[0] == 2 and float(refs[0].norm()) > 0
+    assert torch.equal(refs[0], refs[1])
+
+
 # --------------------------------------------------------------------------- whole runs (in-process sites)
 
 

@@ -20,6 +20,7 @@ What is personal never reaches the server (see ``task.local_keys``).
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Iterable
 
 import numpy as np
@@ -98,7 +99,9 @@ class RootSet:
         for j in range(1 + extra):
             idx = np.arange(len(self.labels)) if j == 0 else np.sort(rng.permutation(len(self.labels))[: max(2, len(self.labels) // 2)])
             self._load(global_state, self.local_state)
-            self.task.local_train("classifier", self.model, self._site_data(idx, -1 - j), self.profile, server_round)
+            with torch.random.fork_rng(devices=[]):  # dropout draws from the seed, not from the global RNG's state
+                torch.manual_seed(zlib.crc32(f"root/{self.profile.seed}/{server_round}/{j}".encode()))
+                self.task.local_train("classifier", self.model, self._site_data(idx, -1 - j), self.profile, server_round)
             state = self.model.state_dict()
             if j == 0:
                 self.local_state = {k: v.clone() for k, v in state.items() if k in self.local_keys}
