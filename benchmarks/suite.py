@@ -35,36 +35,85 @@ import torch
 TARGETS = {"ort_speedup": 2.0, "clean_overhead": 1.25, "respaced_gap_points": 1.0, "respaced_cost_ratio": 10.0}
 
 
-def torch_eager_latency(run: str, traffic_path: str, *, attacked: bool, iters: int, warmup: int, seed: int = 0,
-                        site: int = 0, defense: dict | None = None) -> dict:
-    """Batch-1 end-to-end latency (ms) of the PyTorch eager pipeline on the traffic file."""
-    from runtime.bench import Traffic, percentiles
-    from runtime.preprocess import preprocess
-    from training.evaluate import load_sites
+class Contenders:
+    """The pipelines the suite times at batch 1 on one traffic file, loaded once.
 
-    profile, sites, _ = load_sites(run, defense=defense)
-    pipe = [s for s in sites if s.site == site][0].pipe
-    traffic = Traffic(traffic_path)
-    src = traffic.attacked if attacked else traffic.clean
-    cfg = profile.preprocess
+    ``scan_fns(kind)`` gives, per pipeline, a function of a scan index that
+    preprocesses the scan's original and runs the pipeline on its
+    ``clean`` or ``attacked`` version: the runtime's defense (ONNX Runtime),
+    the runtime's classifier alone, and the PyTorch eager defense (the same
+    models, ``training.defense.DefensePipeline``).
+    """
+
+    def __init__(self, run: str, bundle: str, traffic_path: str, defense: dict | None = None, site: int = 0):
+        from runtime.bench import Traffic
+        from runtime.bundle import Bundle
+        from runtime.engines import OrtEngine
+        from runtime.pipeline import Pipeline, PurifyConfig
+        from training.evaluate import load_sites
+
+        b = Bundle.load(bundle)
+        self.runtime = Pipeline(OrtEngine(b), PurifyConfig.from_manifest(b.manifest))
+        profile, sites, _ = load_sites(run, defense=defense)
+        self.eager = [s for s in sites if s.site == site][0].pipe
+        self.traffic = Traffic(traffic_path)
+        self.cfg = profile.preprocess
+        self.generator = torch.Generator().manual_seed(0)
+
+    def __len__(self) -> int:
+        return len(self.traffic)
+
+    def preprocess(self, i: int) -> None:
+        from runtime.preprocess import preprocess
+
+        preprocess(self.traffic.raw[i].astype(np.float32) / 255.0, self.cfg)
+
+    def source(self, kind: str) -> np.ndarray:
+        return self.traffic.attacked if kind == "attacked" else self.traffic.clean
+
+    def run_eager(self, x: np.ndarray, generator: torch.Generator) -> dict:
+        with torch.no_grad():
+            return self.eager.run(torch.from_numpy(x[None, None]), generator)
+
+    def scan_fns(self, kind: str) -> dict:
+        src = self.source(kind)
+
+        def runtime(i):
+            self.preprocess(i)
+            self.runtime.run(src[i][None, None], seed=i)
+
+        def runtime_classify(i):
+            self.preprocess(i)
+            self.runtime.run(src[i][None, None], seed=i, mode="classify")
+
+        def eager(i):
+            self.preprocess(i)
+            self.run_eager(src[i], self.generator)
+
+        return {"runtime": runtime, "runtime_classify": runtime_classify, "eager": eager}
+
+
+def torch_eager_latency(c: Contenders, *, attacked: bool, iters: int, warmup: int, seed: int = 0) -> dict:
+    """Batch-1 end-to-end latency (ms) of the PyTorch eager pipeline on the traffic file."""
+    from runtime.bench import percentiles
+
+    src = c.source("attacked" if attacked else "clean")
     g = torch.Generator().manual_seed(seed)
     samples, flagged = [], 0
-    with torch.no_grad():
-        for it in range(warmup + iters):
-            i = it % len(traffic)
-            t0 = time.perf_counter()
-            preprocess(traffic.raw[i].astype(np.float32) / 255.0, cfg)
-            out = pipe.run(torch.from_numpy(src[i][None, None]), g)
-            dt = time.perf_counter() - t0
-            if it >= warmup:
-                samples.append(1000.0 * dt)
-                flagged += int(out["flagged"].sum())
+    for it in range(warmup + iters):
+        i = it % len(c)
+        t0 = time.perf_counter()
+        c.preprocess(i)
+        out = c.run_eager(src[i], g)
+        dt = time.perf_counter() - t0
+        if it >= warmup:
+            samples.append(1000.0 * dt)
+            flagged += int(out["flagged"].sum())
     return {"latency_ms": percentiles(samples), "flag_rate": flagged / max(len(samples), 1), "iterations": iters,
             "threads": torch.get_num_threads()}
 
 
-def alternating_speedup(run: str, bundle: str, traffic_path: str, *, blocks: int, per_block: int, warmup: int,
-                        defense: dict | None = None, site: int = 0) -> dict:
+def alternating_speedup(c: Contenders, *, blocks: int, per_block: int, warmup: int) -> dict:
     """Runtime (ORT) against the PyTorch eager defense, batch 1, in alternating blocks.
 
     Each block times ``per_block`` scans through one pipeline after
@@ -75,45 +124,20 @@ def alternating_speedup(run: str, bundle: str, traffic_path: str, *, blocks: int
     pairs of (eager block median / runtime block median). Call-by-call
     interleaving is avoided on purpose (see :func:`paired_latency`).
     """
-    from runtime.bench import Traffic
-    from runtime.bundle import Bundle
-    from runtime.engines import OrtEngine
-    from runtime.pipeline import Pipeline, PurifyConfig
-    from runtime.preprocess import preprocess
-    from training.evaluate import load_sites
-
-    b = Bundle.load(bundle)
-    rt = Pipeline(OrtEngine(b), PurifyConfig.from_manifest(b.manifest))
-    profile, sites, _ = load_sites(run, defense=defense)
-    pipe = [s for s in sites if s.site == site][0].pipe
-    traffic = Traffic(traffic_path)
-    cfg = profile.preprocess
-    g = torch.Generator().manual_seed(0)
     out = {}
     for kind in ("clean", "attacked"):
-        src = traffic.attacked if kind == "attacked" else traffic.clean
-
-        def runtime(i, src=src):
-            preprocess(traffic.raw[i].astype(np.float32) / 255.0, cfg)
-            rt.run(src[i][None, None], seed=i)
-
-        def eager(i, src=src):
-            preprocess(traffic.raw[i].astype(np.float32) / 255.0, cfg)
-            with torch.no_grad():
-                pipe.run(torch.from_numpy(src[i][None, None]), g)
-
-        fns = {"runtime": runtime, "eager": eager}
+        fns = c.scan_fns(kind)
         med: dict[str, list[float]] = {"runtime": [], "eager": []}
         for blk in range(blocks):
             order = ("runtime", "eager") if blk % 2 == 0 else ("eager", "runtime")
-            start = (blk * per_block) % len(traffic)
+            start = (blk * per_block) % len(c)
             for name in order:
                 for w in range(warmup):
-                    fns[name]((start + w) % len(traffic))
+                    fns[name]((start + w) % len(c))
                 ms = []
                 for j in range(per_block):
                     t0 = time.perf_counter()
-                    fns[name]((start + j) % len(traffic))
+                    fns[name]((start + j) % len(c))
                     ms.append(1000.0 * (time.perf_counter() - t0))
                 med[name].append(float(np.median(ms)))
         ratios = [e / max(r, 1e-9) for e, r in zip(med["eager"], med["runtime"], strict=True)]
@@ -122,8 +146,7 @@ def alternating_speedup(run: str, bundle: str, traffic_path: str, *, blocks: int
     return out
 
 
-def paired_latency(run: str, bundle: str, traffic_path: str, *, iters: int, warmup: int, defense: dict | None = None,
-                   site: int = 0) -> dict:
+def paired_latency(c: Contenders, *, iters: int, warmup: int) -> dict:
     """Batch-1 latency of the runtime's defense and its classifier alone, timed on the same scan in turn.
 
     Noise on a shared machine then hits both alike; the overhead is the
@@ -131,37 +154,15 @@ def paired_latency(run: str, bundle: str, traffic_path: str, *, iters: int, warm
     with them: ONNX Runtime's and PyTorch's thread pools, alternated call by
     call in one process, slow each other down (measured: the eager pipeline
     ran 3x slower interleaved than in its own block), so runtime against
-    PyTorch is compared on block timings.
+    PyTorch is compared in alternating blocks (:func:`alternating_speedup`).
     """
-    from runtime.bench import Traffic
-    from runtime.bundle import Bundle
-    from runtime.engines import OrtEngine
-    from runtime.pipeline import Pipeline, PurifyConfig
-    from runtime.preprocess import preprocess
-    from training.evaluate import load_sites
-
-    b = Bundle.load(bundle)
-    rt = Pipeline(OrtEngine(b), PurifyConfig.from_manifest(b.manifest))
-    profile, _, _ = load_sites(run, defense=defense)
-    traffic = Traffic(traffic_path)
-    cfg = profile.preprocess
     out = {}
+    names = ["runtime", "runtime_classify"]
     for kind in ("clean", "attacked"):
-        src = traffic.attacked if kind == "attacked" else traffic.clean
-
-        def runtime_defense(i, src=src):
-            preprocess(traffic.raw[i].astype(np.float32) / 255.0, cfg)
-            rt.run(src[i][None, None], seed=i)
-
-        def runtime_classify(i, src=src):
-            preprocess(traffic.raw[i].astype(np.float32) / 255.0, cfg)
-            rt.run(src[i][None, None], seed=i, mode="classify")
-
-        fns = {"runtime": runtime_defense, "runtime_classify": runtime_classify}
-        names = list(fns)
+        fns = c.scan_fns(kind)
         ms: dict[str, list[float]] = {n: [] for n in names}
         for it in range(warmup + iters):
-            i = it % len(traffic)
+            i = it % len(c)
             order = names[it % len(names):] + names[: it % len(names)]
             for n in order:
                 t0 = time.perf_counter()
@@ -199,14 +200,14 @@ def run_suite(run: str, bundle: str, out: str, *, n: int = 64, iters: int = 20, 
         c = [c for c in lat["configs"] if c["traffic"] == traffic_kind and c["mode"] == mode and c["batch_size"] == batch]
         return c[0]["latency_ms"]["p50"]
 
+    contenders = Contenders(run, bundle, str(traffic), defense=defense)
     log("PyTorch eager pipeline, batch 1 ...")
-    eager = {k: torch_eager_latency(run, str(traffic), attacked=(k == "attacked"), iters=iters, warmup=warmup,
-                                    defense=defense) for k in ("clean", "attacked")}
+    eager = {k: torch_eager_latency(contenders, attacked=(k == "attacked"), iters=iters, warmup=warmup)
+             for k in ("clean", "attacked")}
     log("paired timing, batch 1 (runtime defense and runtime classifier in turn) ...")
-    paired = paired_latency(run, bundle, str(traffic), iters=max(iters, 3 * n // 2), warmup=warmup, defense=defense)
+    paired = paired_latency(contenders, iters=max(iters, 3 * n // 2), warmup=warmup)
     log("runtime against PyTorch eager in alternating blocks, batch 1 ...")
-    alternating = alternating_speedup(run, bundle, str(traffic), blocks=blocks, per_block=max(iters, 8), warmup=warmup,
-                                      defense=defense)
+    alternating = alternating_speedup(contenders, blocks=blocks, per_block=max(iters, 8), warmup=warmup)
     ratios = {
         "ort_speedup_clean": alternating["clean"]["speedup"],
         "ort_speedup_attacked": alternating["attacked"]["speedup"],

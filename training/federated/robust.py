@@ -168,18 +168,15 @@ def scorer_inputs(raw: torch.Tensor) -> torch.Tensor:
     VAE error: robust z-score of its log. Cosines, sign agreement and Shapley
     value: robust z-scores (:func:`robust_z`). Norm deviation stays
     ``|log(norm / median norm)|`` (already relative, and a 10x scaled update
-    should stand out by the same amount in every round). All clamped to
-    [-5, 3]: a site can lose any amount of trust by being unusual, but gain
+    should stand out by the same amount in every round), capped at 5. The
+    z-scores are clamped to [-5, 3]: a site can lose any amount of trust by being unusual, but gain
     little by looking better than the typical site.
     """
     x = raw.clone().float()
-    x[:, 0] = robust_z(x[:, 0].clamp_min(1e-12).log())
+    x[:, 0] = robust_z(x[:, 0].clamp_min(1e-12).log()).clamp(-5.0, 3.0)
     for c in (1, 2, 4, 5):
-        x[:, c] = robust_z(x[:, c])
+        x[:, c] = robust_z(x[:, c]).clamp(-5.0, 3.0)
     x[:, 3] = x[:, 3].clamp(max=5.0)
-    keep = x[:, 3].clone()
-    x = x.clamp(-5.0, 3.0)
-    x[:, 3] = keep
     return x
 
 

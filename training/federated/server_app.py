@@ -97,16 +97,13 @@ def _rows_from(replies: list[Message], base: dict) -> list[dict]:
         if m.has_error():
             continue
         metrics = dict(next(iter(m.content.metric_records.values())))
-        row = {**base, "node": int(m.metadata.src_node_id), **metrics}
-        row["site"] = int(row.get("site", -1))
-        if row["site"] < 0:  # a real site has no partition index: its node ID names it
-            row["site"] = row["node"]
-        rows.append(row)
+        rows.append({**base, "node": int(m.metadata.src_node_id), **metrics, "site": _site_key(m)[0]})
     return sorted(rows, key=lambda r: (r["site"], r["node"]))
 
 
 def _site_key(m: Message) -> tuple[int, int]:
-    """A reply's site (the partition index a simulated site reports; a real site's node ID) for ordering."""
+    """(site, node) of a reply: the partition index a simulated site reports; a real site has none, and its
+    node ID names it."""
     records = list(m.content.metric_records.values()) if m.content is not None else []
     site = int(records[0].get("site", -1)) if records else -1
     return (site if site >= 0 else int(m.metadata.src_node_id), int(m.metadata.src_node_id))
