@@ -5,12 +5,15 @@
 1. Traffic: ``benchmarks/data/<bundle>.npz`` (made if missing, ``benchmarks.traffic``).
 2. Latency suite, ``runtime bench`` on the ONNX Runtime engine: batch sizes
    1, 8, 32; clean and attacked traffic; the defense (``adaptive``), purify
-   every scan (``always``) and the classifier alone (``classify``).
+   every scan (``always``) and the classifier alone (``classify``); where the
+   bundle has the int8 denoiser (``export.quantize``), the defense with it
+   at batch 1 too (``latency-int8/``).
 3. The PyTorch eager pipeline (``training.defense.DefensePipeline``, the same
    models) on the same traffic at batch 1, timed the same way; then the
    runtime and the eager pipeline in alternating blocks over the same scans,
    which give the runtime-against-PyTorch ratios (drift in the machine's
-   load over the minutes between two separate blocks then cancels out).
+   load over the minutes between two separate blocks then cancels out);
+   the int8 runtime takes part in the same rounds.
 4. Robustness against compute on the run's test scans: the defense at a 5 %
    clean flag rate with 1, 2, 5, 10 DDIM steps and with every DDPM step
    from t*, under paper-setting PGD.
@@ -53,7 +56,12 @@ class Contenders:
         from training.evaluate import load_sites
 
         b = Bundle.load(bundle)
-        self.runtime = Pipeline(OrtEngine(b), PurifyConfig.from_manifest(b.manifest))
+        cfg = PurifyConfig.from_manifest(b.manifest)
+        self.runtime = Pipeline(OrtEngine(b), cfg)
+        # The int8 denoiser (export.quantize), where the bundle has one: timed beside fp32, never instead of it.
+        has_int8 = "int8" in b.manifest.get("graphs", {}).get("precisions", [])
+        self.runtime_int8 = Pipeline(OrtEngine(b, precision="int8"), cfg) if has_int8 else None
+        self.int8_parity = b.manifest.get("parity", {}).get("int8")
         profile, sites, _ = load_sites(run, defense=defense)
         self.eager = [s for s in sites if s.site == site][0].pipe
         self.traffic = Traffic(traffic_path)
@@ -90,7 +98,14 @@ class Contenders:
             self.preprocess(i)
             self.run_eager(src[i], self.generator)
 
-        return {"runtime": runtime, "runtime_classify": runtime_classify, "eager": eager}
+        fns = {"runtime": runtime, "runtime_classify": runtime_classify, "eager": eager}
+        if self.runtime_int8 is not None:
+            def runtime_int8(i):
+                self.preprocess(i)
+                self.runtime_int8.run(src[i][None, None], seed=i)
+
+            fns["runtime_int8"] = runtime_int8
+        return fns
 
 
 def torch_eager_latency(c: Contenders, *, attacked: bool, iters: int, warmup: int, seed: int = 0) -> dict:
@@ -123,13 +138,18 @@ def alternating_speedup(c: Contenders, *, blocks: int, per_block: int, warmup: i
     hits both pipelines alike, and the speed-up is the median over block
     pairs of (eager block median / runtime block median). Call-by-call
     interleaving is avoided on purpose (see :func:`paired_latency`).
+
+    Where the bundle has the int8 denoiser, its runtime takes part in every
+    round (runtime, int8, eager, then the reverse order) and gets its own
+    speed-up under ``int8``; the fp32 figures stay the headline.
     """
     out = {}
     for kind in ("clean", "attacked"):
         fns = c.scan_fns(kind)
-        med: dict[str, list[float]] = {"runtime": [], "eager": []}
+        names = ["runtime"] + (["runtime_int8"] if "runtime_int8" in fns else []) + ["eager"]
+        med: dict[str, list[float]] = {n: [] for n in names}
         for blk in range(blocks):
-            order = ("runtime", "eager") if blk % 2 == 0 else ("eager", "runtime")
+            order = names if blk % 2 == 0 else names[::-1]
             start = (blk * per_block) % len(c)
             for name in order:
                 for w in range(warmup):
@@ -143,6 +163,9 @@ def alternating_speedup(c: Contenders, *, blocks: int, per_block: int, warmup: i
         ratios = [e / max(r, 1e-9) for e, r in zip(med["eager"], med["runtime"], strict=True)]
         out[kind] = {"block_median_ms": med, "speedup_per_block": ratios, "speedup": float(np.median(ratios)),
                      "blocks": blocks, "scans_per_block": per_block}
+        if "runtime_int8" in med:
+            r8 = [e / max(r, 1e-9) for e, r in zip(med["eager"], med["runtime_int8"], strict=True)]
+            out[kind]["int8"] = {"speedup_per_block": r8, "speedup": float(np.median(r8))}
     return out
 
 
@@ -195,6 +218,12 @@ def run_suite(run: str, bundle: str, out: str, *, n: int = 64, iters: int = 20, 
     lat = run_bench(bundle, str(traffic), engine="ort", batch_sizes=(1, 8, 32), traffics=("clean", "attacked"),
                     modes=("adaptive", "always", "classify"), iters=iters, warmup=warmup, log=log)
     write_reports(lat, out_p / "latency")
+    lat8 = None
+    if "int8" in b.manifest.get("graphs", {}).get("precisions", []):
+        log("latency, the runtime with the int8 denoiser (batch 1) ...")
+        lat8 = run_bench(bundle, str(traffic), engine="ort", precision="int8", batch_sizes=(1,),
+                         traffics=("clean", "attacked"), modes=("adaptive",), iters=iters, warmup=warmup, log=log)
+        write_reports(lat8, out_p / "latency-int8")
 
     def p50(traffic_kind, mode, batch=1):
         c = [c for c in lat["configs"] if c["traffic"] == traffic_kind and c["mode"] == mode and c["batch_size"] == batch]
@@ -218,6 +247,9 @@ def run_suite(run: str, bundle: str, out: str, *, n: int = 64, iters: int = 20, 
         "always_vs_classify_clean": p50("clean", "always") / p50("clean", "classify"),
         "attacked_vs_classify": p50("attacked", "adaptive") / p50("clean", "classify"),
     }
+    for k in ("clean", "attacked"):
+        if "int8" in alternating[k]:
+            ratios[f"ort_int8_speedup_{k}"] = alternating[k]["int8"]["speedup"]
     sweep = None
     if not skip_sweep:
         from training.evaluate import sweep_run
@@ -234,6 +266,8 @@ def run_suite(run: str, bundle: str, out: str, *, n: int = 64, iters: int = 20, 
     report = {"run": run, "bundle": bundle, "traffic": str(traffic), "latency": {k: v for k, v in lat.items() if k != "configs"},
               "latency_configs": [{k: v for k, v in c.items() if k != "samples_ms"} for c in lat["configs"]],
               "torch_eager": eager, "paired": paired, "alternating": alternating, "ratios": ratios, "sweep": sweep, "targets": TARGETS,
+              "int8_parity": contenders.int8_parity,
+              "latency_int8_configs": [{k: v for k, v in c.items() if k != "samples_ms"} for c in lat8["configs"]] if lat8 else None,
               "command": " ".join(["python -m benchmarks.suite"] + sys.argv[1:]), "seconds": time.perf_counter() - t_all}
     (out_p / "summary.json").write_text(json.dumps(report, indent=1, default=float))
     (out_p / "summary.md").write_text(render(report))
@@ -258,6 +292,10 @@ def render(r: dict) -> str:
     for m, name in (("adaptive", "runtime, the defense (detect, purify flagged, classify)"),
                     ("always", "runtime, purify every scan"), ("classify", "runtime, classifier only")):
         lines.append(f"| {name} | {get('clean', m):.2f} ms | {get('attacked', m):.2f} ms |")
+    c8 = r.get("latency_int8_configs")
+    if c8:
+        g8 = {c["traffic"]: c["latency_ms"]["p50"] for c in c8}
+        lines.append(f"| runtime with the int8 denoiser, the defense | {g8['clean']:.2f} ms | {g8['attacked']:.2f} ms |")
     e = r["torch_eager"]
     lines.append(f"| PyTorch eager, the defense | {e['clean']['latency_ms']['p50']:.2f} ms | "
                  f"{e['attacked']['latency_ms']['p50']:.2f} ms |")
@@ -279,6 +317,14 @@ def render(r: dict) -> str:
             lines.append(f"| {k} | {' '.join(f'{v:.1f}' for v in a['block_median_ms']['runtime'])} | "
                          f"{' '.join(f'{v:.1f}' for v in a['block_median_ms']['eager'])} | "
                          f"{' '.join(f'{v:.2f}' for v in a['speedup_per_block'])} | {a['speedup']:.2f} |")
+        if "int8" in alt["clean"]:
+            lines += ["", "The same rounds with the int8 denoiser's runtime (runtime, int8, eager, then the reverse order):", "",
+                      "| traffic | runtime int8, per block | speed-up over eager per block | median speed-up |",
+                      "|---|---|---|---:|"]
+            for k in ("clean", "attacked"):
+                a = alt[k]
+                lines.append(f"| {k} | {' '.join(f'{v:.1f}' for v in a['block_median_ms']['runtime_int8'])} | "
+                             f"{' '.join(f'{v:.2f}' for v in a['int8']['speedup_per_block'])} | {a['int8']['speedup']:.2f} |")
     sep = (f"; the separate blocks of the first table give {ratios['ort_speedup_clean_separate_blocks']:.2f} clean, "
            f"{ratios['ort_speedup_attacked_separate_blocks']:.2f} attacked") if "ort_speedup_clean_separate_blocks" in ratios else ""
     lines += ["", "## Ratios measured in this run, against the targets", "",
@@ -293,6 +339,11 @@ def render(r: dict) -> str:
     row("runtime speed-up over PyTorch eager, clean", ratios["ort_speedup_clean"], ">= 2", ratios["ort_speedup_clean"] >= 2)
     row("runtime speed-up over PyTorch eager, attacked", ratios["ort_speedup_attacked"], ">= 2",
         ratios["ort_speedup_attacked"] >= 2)
+    if "ort_int8_speedup_attacked" in ratios:
+        row("runtime with the int8 denoiser over PyTorch eager, clean", ratios["ort_int8_speedup_clean"], ">= 2",
+            ratios["ort_int8_speedup_clean"] >= 2)
+        row("runtime with the int8 denoiser over PyTorch eager, attacked", ratios["ort_int8_speedup_attacked"], ">= 2",
+            ratios["ort_int8_speedup_attacked"] >= 2)
     row("defense / classify-only cost, clean traffic", ratios["clean_overhead_vs_classify"], "<= 1.25",
         ratios["clean_overhead_vs_classify"] <= 1.25)
     row("always-purify / classify-only cost, clean traffic", ratios["always_vs_classify_clean"], "(reference)", True)
@@ -308,13 +359,23 @@ def render(r: dict) -> str:
             lines.append(f"| {s['steps']} | {100 * s['clean_acc']:.2f} % | {100 * s['robust_acc']:.2f} % | "
                          f"{s['evals_per_attacked_scan']:.2f} | {s['seconds_per_scan']:.3f} |")
         lines.append(f"\n{r['sweep']['rows'][0]['n']} scans per cell.")
+    q = r.get("int8_parity")
+    if q and q.get("passed"):
+        lines += ["", "## The int8 denoiser", "", f"The int8 denoiser against fp32 (export's check on {q['n_scans']} test scans purified at t* = "
+                  f"{q['t_star']}, the same noise): purified images differ by {q['purified_mean_abs_int8_vs_fp32']:.4f} "
+                  f"(mean absolute, images in [0, 1]) where another noise draw changes them by "
+                  f"{q['purified_mean_abs_other_noise_vs_fp32']:.4f}; {q['prediction_flips_int8']} predictions flip "
+                  f"(another noise draw: {q['prediction_flips_other_noise']}); accuracy on purified scans "
+                  f"{100 * q['accuracy_fp32']:.2f} % fp32, {100 * q['accuracy_int8']:.2f} % int8. Calibrated on "
+                  f"{q['calibration']['n_scans']} validation scans."]
     lines += ["", "## All latency configurations (runtime)", "",
               "| traffic | mode | batch | p50 ms | p95 ms | p99 ms | scans/s | flagged |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for c in cfgs:
         lines.append(f"| {c['traffic']} | {c['mode']} | {c['batch_size']} | {c['latency_ms']['p50']:.2f} | "
                      f"{c['latency_ms']['p95']:.2f} | {c['latency_ms']['p99']:.2f} | {c['throughput_scans_per_s']:.1f} | "
                      f"{100 * c['flag_rate']:.1f} % |")
-    lines += ["", "Per-stage times, first-run cost, memory and plots: `latency/bench.md`, `latency/bench.html`."]
+    lines += ["", "Per-stage times, first-run cost, memory and plots: `latency/bench.md`, `latency/bench.html`"
+              + (" (int8 denoiser: `latency-int8/`)." if c8 else ".")]
     return "\n".join(lines) + "\n"
 
 

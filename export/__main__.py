@@ -14,6 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--parity-scans", type=int, default=64, help="test scans for the parity check (0: all)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle folder")
+    p.add_argument("--no-int8", action="store_true", help="do not write the int8 denoiser (denoiser.int8.onnx)")
     p.add_argument("--defense", action="append", metavar="KEY=VALUE",
                    help="override the run's defense settings in the bundle, e.g. --defense t_min=150,t_max=250,steps=1")
     args = p.parse_args(argv)
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         export_site(args.run, args.site, args.out, opset=args.opset, parity_scans=args.parity_scans, force=args.force,
-                    defense=defense_overrides(args.defense))
+                    defense=defense_overrides(args.defense), int8=not args.no_int8)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

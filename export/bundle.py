@@ -7,6 +7,8 @@ The bundle is what a hospital installs next to its scanner (DESIGN.md):
     classifier.onnx, detector.onnx, denoiser.onnx         fp32, opset >= 17, dynamic batch
     classifier.fp16.onnx, ...                             fp16 weights and compute, fp32 inputs/outputs
                                                           (the noise-floor detector stays fp32: see below)
+    denoiser.int8.onnx                                    convolutions int8, calibrated on validation scans
+                                                          (``export.quantize``; left out if its parity check fails)
     classifier.pt2, ...                                   the same graphs for the torch engine (torch.export)
     manifest.json                                         see :func:`build_manifest`
 
@@ -179,7 +181,8 @@ def build_manifest(*, profile: cfgmod.Profile, site: int, run: Path, class_names
             "classifier": {"inputs": {"image": "[N,1,S,S] float32"}, "outputs": {"probs": "[N,C] float32"}},
             "detector": {"inputs": {"image": "[N,1,S,S] float32"}, "outputs": {"score": "[N] float32"}},
             "denoiser": {"inputs": {"x_t": "[N,1,S,S] float32", "t": "[N] float32"}, "outputs": {"eps": "[N,1,S,S] float32"}},
-            "opset": opset, "precisions": ["fp32", "fp16"],
+            "opset": opset, "precisions": ["fp32", "fp16"] + (["int8"] if "denoiser.int8.onnx" in files else []),
+            "int8": "denoiser.int8.onnx (convolutions int8, the rest fp32) beside the fp32 classifier and detector",
         },
         "provenance": {"run": str(run), "site": site, "profile": cfgmod.to_dict(profile), "split_digest": split_digest,
                        "code_revision": code_revision(), "metrics": metrics},
@@ -187,8 +190,43 @@ def build_manifest(*, profile: cfgmod.Profile, site: int, run: Path, class_names
     }
 
 
+def _export_int8(profile: cfgmod.Profile, s, files: dict[str, Path], tmp: Path, images: np.ndarray,
+                 labels: np.ndarray, log) -> dict:
+    """``denoiser.int8.onnx`` calibrated on the site's validation scans, checked on ``images``; its parity record.
+
+    A failed check leaves the file out of the bundle (the fp32 and fp16
+    graphs are unaffected) and says why in the record.
+    """
+    from export.quantize import calibration_inputs, int8_parity, quantize_denoiser
+    from runtime.pipeline import PurifyConfig
+
+    d, den = profile.defense, profile.denoiser
+    cfg = PurifyConfig(tau=float(s.pipe.tau), t_min=d.t_min, t_max=d.t_max, ref_ratio=d.ref_ratio, quantum=d.quantum,
+                       steps=d.steps, num_steps=den.num_steps, beta_start=den.beta_start, beta_end=den.beta_end)
+    abar = np.concatenate([[1.0], np.cumprod(1.0 - np.linspace(den.beta_start, den.beta_end, den.num_steps))])
+    val = s.data["val"]
+    feeds = calibration_inputs(val.images, abar, d.t_min, d.t_max, d.quantum, n=64)
+    dst = tmp / "denoiser.int8.onnx"
+    quantize_denoiser(files["denoiser.fp32"], dst, feeds)
+    sessions = {"denoiser.fp32": _session(files["denoiser.fp32"]), "denoiser.int8": _session(dst),
+                "classifier.fp32": _session(files["classifier.fp32"])}
+    try:
+        res = int8_parity(sessions, images, labels, cfg, t_star=d.t_max)
+    except ValueError as err:
+        dst.unlink()
+        log(f"  int8 denoiser left out: {err}")
+        return {"passed": False, "reason": str(err)}
+    res["calibration"] = {"split": "val", "n_scans": len(feeds), "t_star": [d.t_min, d.t_max, d.quantum],
+                          "method": "min-max, QDQ: convolutions int8 (weights per channel), the rest fp32"}
+    files["denoiser.int8"] = dst
+    log(f"  int8 denoiser: purified images differ from fp32 by {res['purified_mean_abs_int8_vs_fp32']:.4f} "
+        f"(another noise draw: {res['purified_mean_abs_other_noise_vs_fp32']:.4f}); prediction flips "
+        f"{res['prediction_flips_int8']} (another noise draw: {res['prediction_flips_other_noise']}) of {len(images)}")
+    return res
+
+
 def export_site(run: str | Path, site: int, out: str | Path, *, opset: int = OPSET, parity_scans: int = 64,
-                force: bool = False, log=print, defense: dict | None = None) -> dict:
+                force: bool = False, log=print, defense: dict | None = None, int8: bool = True) -> dict:
     """Export site ``site`` of ``run`` to the bundle folder ``out``; returns the manifest."""
     from training.evaluate import load_sites
 
@@ -237,6 +275,8 @@ def export_site(run: str | Path, site: int, out: str | Path, *, opset: int = OPS
         log(f"  parity on {n} test scans: fp32 probs {parity['fp32']['probs_max_abs']:.1e}, scores "
             f"{parity['fp32']['score_max_rel']:.1e} rel, eps {parity['fp32']['eps_max_abs']:.1e}; fp16 probs "
             f"{parity['fp16']['probs_max_abs']:.1e}, {parity['fp16']['prediction_flips']} flips")
+        if int8:
+            parity["int8"] = _export_int8(profile, s, files, tmp, images, test.labels[:n], log)
         metrics = {"site_val_scans": len(s.data["val"]), "site_test_scans": len(test)}
         rob = run / "reports" / "robustness.json"
         if rob.exists():

@@ -65,9 +65,17 @@ class Bundle:
                 raise BundleError(f"{f}: sha256 does not match the manifest (modified or corrupted)")
 
     def file(self, graph: str, precision: str = "fp32") -> Path:
+        """The ONNX file of ``graph`` at ``precision`` (fp32, fp16, or int8: the int8 denoiser with fp32 others)."""
+        if precision == "int8" and graph != "denoiser":
+            precision = "fp32"
         name = f"{graph}.onnx" if precision == "fp32" else f"{graph}.{precision}.onnx"
         if name not in self.manifest["files"]:
-            raise BundleError(f"{self.path}: the bundle has no {name}")
+            why = ""
+            if precision == "int8":
+                rec = self.manifest.get("parity", {}).get("int8")
+                why = (f" (its parity check failed at export: {rec.get('reason')})" if rec and not rec.get("passed")
+                       else " (exported without it; export again to add it)")
+            raise BundleError(f"{self.path}: the bundle has no {name}{why}")
         return self.path / name
 
     @property

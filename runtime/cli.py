@@ -358,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--bundle", required=True, help="bundle folder written by `python -m export`")
     inf.add_argument("--engine", choices=("ort", "trt", "torch"), default="ort")
     inf.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    inf.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    inf.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+                     help="int8: the int8 denoiser beside the fp32 classifier and detector (--engine ort)")
     inf.add_argument("--threads", type=int, default=0, help="CPU threads for ONNX Runtime (0: its default)")
     inf.add_argument("--batch-size", type=int, default=8)
     inf.add_argument("--seed", type=int, default=0, help="purification noise seed (recorded with each result)")
@@ -376,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data", required=True, help="traffic file (.npz) from python -m benchmarks.traffic")
     b.add_argument("--engine", choices=("ort", "trt", "torch"), default="ort")
     b.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    b.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    b.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+                   help="int8: the int8 denoiser beside the fp32 classifier and detector (--engine ort)")
     b.add_argument("--threads", type=int, default=0)
     b.add_argument("--batch-sizes", default="1,8,32", help="comma-separated")
     b.add_argument("--traffic", default="clean", help="comma-separated: clean, attacked, mix:F")

@@ -197,7 +197,13 @@ class TrtEngine:
         return {"engine": "trt", "tensorrt": self.version, "gpu": self.sm, "precision": self.precision}
 
 
+PRECISIONS = {"ort": ("fp32", "fp16", "int8"), "torch": ("fp32", "fp16"), "trt": ("fp32", "fp16")}
+
+
 def make_engine(bundle: Bundle, engine: str, device: str = "cpu", precision: str = "fp32", threads: int = 0, log=print):
+    if engine in PRECISIONS and precision not in PRECISIONS[engine]:
+        raise EngineError(f"--engine {engine} runs {' or '.join(PRECISIONS[engine])}, not {precision}"
+                          + ("; the int8 denoiser runs on --engine ort" if precision == "int8" else ""))
     if engine == "ort":
         return OrtEngine(bundle, device, precision, threads)
     if engine == "torch":

@@ -124,5 +124,9 @@ def test_suite_measures_every_ratio_in_one_run(tiny_run, tiny_bundle, tmp_path):
         alt = r["alternating"][k]  # runtime against eager: one ratio per block pair, the median reported
         assert len(alt["speedup_per_block"]) == 2 == len(alt["block_median_ms"]["eager"])
         assert r["ratios"][f"ort_speedup_{k}"] == pytest.approx(float(np.median(alt["speedup_per_block"])))
+        # the int8 denoiser's runtime took part in the same rounds, with its own ratio
+        assert len(alt["block_median_ms"]["runtime_int8"]) == 2
+        assert r["ratios"][f"ort_int8_speedup_{k}"] == pytest.approx(float(np.median(alt["int8"]["speedup_per_block"])))
+    assert r["int8_parity"]["passed"] and {c["traffic"] for c in r["latency_int8_configs"]} == {"clean", "attacked"}
     md = (tmp_path / "s" / "summary.md").read_text()
-    assert "Ratios measured in this run" in md and (tmp_path / "s" / "latency" / "bench.html").exists()
+    assert "Ratios measured in this run" in md and "## The int8 denoiser" in md and (tmp_path / "s" / "latency" / "bench.html").exists()

@@ -37,7 +37,11 @@ def test_bundle_is_complete_and_in_parity(tiny_run, tmp_path):
     assert saved["schema_version"] == SCHEMA_VERSION == m["schema_version"]
     names = {"classifier", "detector", "denoiser"}
     assert set(saved["files"]) == ({f"{n}.onnx" for n in names} | {f"{n}.fp16.onnx" for n in names}
-                                   | {f"{n}.pt2" for n in names})
+                                   | {f"{n}.pt2" for n in names} | {"denoiser.int8.onnx"})
+    q = saved["parity"]["int8"]  # the int8 denoiser: calibrated on validation scans, checked against fp32 on test scans
+    assert q["passed"] and q["calibration"]["split"] == "val" and "int8" in saved["graphs"]["precisions"]
+    assert q["purified_mean_abs_int8_vs_fp32"] <= 0.25 * q["purified_mean_abs_other_noise_vs_fp32"]
+    assert 0 < q["eps_rel_error"] < 0.2
     for f, meta in saved["files"].items():
         assert sha256(out / f) == meta["sha256"]
         if not f.endswith(".onnx"):
@@ -89,3 +93,47 @@ def test_noise_floor_graph_exports_and_matches_onnxruntime(tmp_path):
     y[:2, :, :10] = 0.0  # flat regions: many zero Laplacian values
     got = sess.run(None, {"image": y.numpy()})[0]
     assert np.allclose(got, noise_floor(y, p.defense.floor_fraction).numpy(), rtol=1e-5, atol=1e-8)
+
+
+def test_int8_calibration_noises_like_purification():
+    from export.quantize import calibration_inputs
+
+    abar = np.concatenate([[1.0], np.cumprod(1.0 - np.linspace(1e-4, 2e-2, 1000))])
+    images = np.random.default_rng(0).random((10, 8, 8)).astype(np.float32)
+    feeds = calibration_inputs(images, abar, 100, 150, 10, n=40, seed=1)
+    assert len(feeds) == 10  # at most one input per scan
+    ts = {int(f["t"][0]) for f in feeds}
+    assert ts <= set(range(100, 151, 10)) and len(ts) > 1
+    x_t = np.concatenate([f["x_t"] for f in feeds])
+    assert x_t.shape == (10, 1, 8, 8) and x_t.dtype == np.float32
+    assert 0.3 < x_t.std() < 1.5  # noised in diffusion space, not the raw [0, 1] images
+    with pytest.raises(ValueError, match="no scans"):
+        calibration_inputs(images[:0], abar, 100, 150, 10)
+
+
+@pytest.mark.slow
+def test_int8_bundle_runs_and_a_failed_check_leaves_it_out(tiny_run, tiny_bundle, tmp_path, monkeypatch):
+    import export.quantize as q
+    from export.bundle import export_site
+    from runtime.bundle import Bundle, BundleError
+    from runtime.engines import EngineError, OrtEngine, make_engine
+    from runtime.pipeline import Pipeline, PurifyConfig
+
+    b = Bundle.load(tiny_bundle)
+    cfg = PurifyConfig.from_manifest(b.manifest)
+    p32, p8 = Pipeline(OrtEngine(b), cfg), Pipeline(OrtEngine(b, precision="int8"), cfg)
+    assert b.file("classifier", "int8") == b.file("classifier") and b.file("denoiser", "int8").name == "denoiser.int8.onnx"
+    x = np.random.default_rng(0).random((4, 1, 32, 32)).astype(np.float32)
+    noise = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
+    a32, a8 = p32.purify(x, cfg.t_max, None, noise=noise), p8.purify(x, cfg.t_max, None, noise=noise)
+    assert 0 < np.abs(a8 - a32).mean() < 0.05  # a different graph, close to fp32
+    with pytest.raises(EngineError, match="int8"):
+        make_engine(b, "torch", precision="int8")
+    # a failed parity check: no int8 file, the reason in the manifest and in the runtime's error
+    monkeypatch.setattr(q, "INT8_TOLERANCES", {"purified_vs_noise": 0.0, "extra_flips": 0})
+    out = tmp_path / "b"
+    m = export_site(tiny_run, 0, out, log=lambda *_: None)
+    assert "denoiser.int8.onnx" not in m["files"] and not (out / "denoiser.int8.onnx").exists()
+    assert m["parity"]["int8"]["passed"] is False and "int8" not in m["graphs"]["precisions"]
+    with pytest.raises(BundleError, match="parity check failed"):
+        OrtEngine(Bundle.load(out), precision="int8")
