@@ -169,6 +169,28 @@ def alternating_speedup(c: Contenders, *, blocks: int, per_block: int, warmup: i
     return out
 
 
+def traffic_accuracy(c: Contenders) -> dict | None:
+    """Accuracy of the runtime's defense on the traffic's clean and attacked scans, fp32 and (if any) int8 denoiser.
+
+    Batch 1, noise seed = scan index, the same for both, so the two differ
+    only by the denoiser's precision; ``agreement`` is the fraction of equal
+    predictions. None for a traffic file without labels.
+    """
+    labels = c.traffic.labels
+    if labels is None:
+        return None
+    pipes = {"fp32": c.runtime} | ({"int8": c.runtime_int8} if c.runtime_int8 is not None else {})
+    out: dict = {"scans": int(len(labels))}
+    for kind in ("clean", "attacked"):
+        src = c.source(kind)
+        pred = {name: np.array([int(p.run(src[i][None, None], seed=i)["probs"][0].argmax()) for i in range(len(src))])
+                for name, p in pipes.items()}
+        out[kind] = {name: float((v == labels).mean()) for name, v in pred.items()}
+        if "int8" in pred:
+            out[kind]["agreement"] = float((pred["int8"] == pred["fp32"]).mean())
+    return out
+
+
 def paired_latency(c: Contenders, *, iters: int, warmup: int) -> dict:
     """Batch-1 latency of the runtime's defense and its classifier alone, timed on the same scan in turn.
 
@@ -198,7 +220,7 @@ def paired_latency(c: Contenders, *, iters: int, warmup: int) -> dict:
     return out
 
 
-def run_suite(run: str, bundle: str, out: str, *, n: int = 64, iters: int = 20, warmup: int = 3, blocks: int = 6,
+def run_suite(run: str, bundle: str, out: str, *, n: int = 64, iters: int = 20, warmup: int = 3, blocks: int = 10,
               sweep_max: int = 64, skip_sweep: bool = False, traffic_path: str | None = None, log=print) -> dict:
     from benchmarks.traffic import make_traffic
     from runtime.bench import run_bench, write_reports
@@ -237,6 +259,7 @@ def run_suite(run: str, bundle: str, out: str, *, n: int = 64, iters: int = 20, 
     paired = paired_latency(contenders, iters=max(iters, 3 * n // 2), warmup=warmup)
     log("runtime against PyTorch eager in alternating blocks, batch 1 ...")
     alternating = alternating_speedup(contenders, blocks=blocks, per_block=max(iters, 8), warmup=warmup)
+    accuracy = traffic_accuracy(contenders)
     ratios = {
         "ort_speedup_clean": alternating["clean"]["speedup"],
         "ort_speedup_attacked": alternating["attacked"]["speedup"],
@@ -266,7 +289,7 @@ def run_suite(run: str, bundle: str, out: str, *, n: int = 64, iters: int = 20, 
     report = {"run": run, "bundle": bundle, "traffic": str(traffic), "latency": {k: v for k, v in lat.items() if k != "configs"},
               "latency_configs": [{k: v for k, v in c.items() if k != "samples_ms"} for c in lat["configs"]],
               "torch_eager": eager, "paired": paired, "alternating": alternating, "ratios": ratios, "sweep": sweep, "targets": TARGETS,
-              "int8_parity": contenders.int8_parity,
+              "int8_parity": contenders.int8_parity, "traffic_accuracy": accuracy,
               "latency_int8_configs": [{k: v for k, v in c.items() if k != "samples_ms"} for c in lat8["configs"]] if lat8 else None,
               "command": " ".join(["python -m benchmarks.suite"] + sys.argv[1:]), "seconds": time.perf_counter() - t_all}
     (out_p / "summary.json").write_text(json.dumps(report, indent=1, default=float))
@@ -308,8 +331,9 @@ def render(r: dict) -> str:
             lines.append(f"| {k} | {m['runtime']:.2f} | {m['runtime_classify']:.2f} | {pr[k]['scans']} |")
     alt = r.get("alternating")
     if alt:
+        rounds = "runtime, int8, eager, eager, int8, runtime" if "int8" in alt["clean"] else "runtime, eager, eager, runtime"
         lines += ["", f"Runtime defense against the PyTorch eager defense in {alt['clean']['blocks']} alternating blocks "
-                  f"of {alt['clean']['scans_per_block']} scans (runtime, eager, eager, runtime, ...; block medians, ms):", "",
+                  f"of {alt['clean']['scans_per_block']} scans ({rounds}, ...; block medians, ms):", "",
                   "| traffic | runtime, per block | eager, per block | speed-up per block | median speed-up |",
                   "|---|---|---|---|---:|"]
         for k in ("clean", "attacked"):
@@ -318,7 +342,7 @@ def render(r: dict) -> str:
                          f"{' '.join(f'{v:.1f}' for v in a['block_median_ms']['eager'])} | "
                          f"{' '.join(f'{v:.2f}' for v in a['speedup_per_block'])} | {a['speedup']:.2f} |")
         if "int8" in alt["clean"]:
-            lines += ["", "The same rounds with the int8 denoiser's runtime (runtime, int8, eager, then the reverse order):", "",
+            lines += ["", "The int8 denoiser's runtime in the same rounds:", "",
                       "| traffic | runtime int8, per block | speed-up over eager per block | median speed-up |",
                       "|---|---|---|---:|"]
             for k in ("clean", "attacked"):
@@ -368,6 +392,13 @@ def render(r: dict) -> str:
                   f"(another noise draw: {q['prediction_flips_other_noise']}); accuracy on purified scans "
                   f"{100 * q['accuracy_fp32']:.2f} % fp32, {100 * q['accuracy_int8']:.2f} % int8. Calibrated on "
                   f"{q['calibration']['n_scans']} validation scans."]
+    acc = r.get("traffic_accuracy")
+    if acc and "agreement" in acc["attacked"]:
+        lines += ["", f"On this run's traffic ({acc['scans']} test scans, batch 1, the same noise seeds): accuracy of the "
+                  f"runtime's defense on clean scans {100 * acc['clean']['fp32']:.2f} % fp32, "
+                  f"{100 * acc['clean']['int8']:.2f} % int8 (same prediction on {100 * acc['clean']['agreement']:.1f} %); "
+                  f"on their PGD versions {100 * acc['attacked']['fp32']:.2f} % fp32, {100 * acc['attacked']['int8']:.2f} % "
+                  f"int8 (same prediction on {100 * acc['attacked']['agreement']:.1f} %)."]
     lines += ["", "## All latency configurations (runtime)", "",
               "| traffic | mode | batch | p50 ms | p95 ms | p99 ms | scans/s | flagged |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for c in cfgs:
@@ -387,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=64, help="scans in the traffic file")
     p.add_argument("--iters", type=int, default=20, help="steady-state batches per latency configuration")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--blocks", type=int, default=6, help="alternating blocks per pipeline (runtime against PyTorch)")
+    p.add_argument("--blocks", type=int, default=10, help="alternating blocks per pipeline (runtime against PyTorch)")
     p.add_argument("--sweep-max", type=int, default=64, help="test scans in the robustness-vs-compute sweep")
     p.add_argument("--skip-sweep", action="store_true")
     p.add_argument("--traffic", help="traffic file (default: benchmarks/data/<bundle name>.npz, made if missing)")

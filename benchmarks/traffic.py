@@ -57,7 +57,7 @@ def make_traffic(run: str, out: str, site: int = 0, n: int = 64, seed: int = 0, 
             "kind": info["kind"]}
     out_p = Path(out)
     out_p.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out_p, clean=x[:, 0].numpy(), attacked=adv[:, 0].numpy(),
+    np.savez_compressed(out_p, clean=x[:, 0].numpy(), attacked=adv[:, 0].numpy(), labels=y.numpy(),
                         raw_flat=np.concatenate([r.ravel() for r in raws]),
                         raw_shapes=np.array([r.shape for r in raws], dtype=np.int64), meta=np.array(json.dumps(meta)))
     return meta

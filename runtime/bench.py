@@ -52,6 +52,7 @@ class Traffic:
             z = np.load(path, allow_pickle=False)
             self.clean = z["clean"].astype(np.float32)
             self.attacked = z["attacked"].astype(np.float32) if "attacked" in z else None
+            self.labels = z["labels"].astype(np.int64) if "labels" in z else None  # older traffic files have none
             flat, shapes = z["raw_flat"], z["raw_shapes"]
             self.meta = json.loads(str(z["meta"])) if "meta" in z else {}
         except (KeyError, ValueError, OSError) as err:

@@ -128,5 +128,7 @@ def test_suite_measures_every_ratio_in_one_run(tiny_run, tiny_bundle, tmp_path):
         assert len(alt["block_median_ms"]["runtime_int8"]) == 2
         assert r["ratios"][f"ort_int8_speedup_{k}"] == pytest.approx(float(np.median(alt["int8"]["speedup_per_block"])))
     assert r["int8_parity"]["passed"] and {c["traffic"] for c in r["latency_int8_configs"]} == {"clean", "attacked"}
+    acc = r["traffic_accuracy"]  # the traffic file carries labels: fp32 and int8 accuracy on the same seeds
+    assert acc["scans"] == 6 and all(0 <= acc[k][p] <= 1 for k in ("clean", "attacked") for p in ("fp32", "int8", "agreement"))
     md = (tmp_path / "s" / "summary.md").read_text()
     assert "Ratios measured in this run" in md and "## The int8 denoiser" in md and (tmp_path / "s" / "latency" / "bench.html").exists()
