@@ -95,6 +95,25 @@ def test_infer_engines_agree(tiny_bundle, scans, tmp_path):
         assert abs(a["probabilities"]["yes"] - b["probabilities"]["yes"]) < 1e-3
 
 
+def test_infer_int8_denoiser(tiny_bundle, scans, tmp_path, capsys):
+    out32, out8 = tmp_path / "fp32.jsonl", tmp_path / "int8.jsonl"
+    assert main(["infer", str(scans), "--bundle", str(tiny_bundle), "--out", str(out32), "--quiet"]) == 0
+    assert main(["infer", str(scans), "--bundle", str(tiny_bundle), "--precision", "int8", "--out", str(out8),
+                 "--quiet"]) == 0
+    a = [json.loads(line) for line in out32.read_text().splitlines()]
+    b = [json.loads(line) for line in out8.read_text().splitlines()]
+    assert [r["precision"] for r in b] == ["int8"] * 6
+    for r32, r8 in zip(a, b):  # the detector and classifier are the fp32 graphs: same scores, same flags
+        assert r32["score"] == pytest.approx(r8["score"], rel=1e-6) and r32["flagged"] == r8["flagged"]
+        if not r32["flagged"]:  # nothing purified: the int8 denoiser never ran
+            assert r32["probabilities"] == pytest.approx(r8["probabilities"], abs=1e-6)
+    # int8 is an ONNX Runtime precision: a clear error elsewhere, no traceback
+    capsys.readouterr()
+    assert main(["infer", str(scans), "--bundle", str(tiny_bundle), "--engine", "torch", "--precision", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert "int8" in err and "Traceback" not in err
+
+
 def _bad_inputs(folder: Path, good: Path) -> dict[str, str]:
     """Every kind of bad input the scanner side must survive -> the words its error must contain."""
     import cv2
