@@ -388,7 +388,8 @@ def render(r: dict) -> str:
         lines += ["", "## The int8 denoiser", "", f"The int8 denoiser against fp32 (export's check on {q['n_scans']} test scans purified at t* = "
                   f"{q['t_star']}, the same noise): purified images differ by {q['purified_mean_abs_int8_vs_fp32']:.4f} "
                   f"(mean absolute, images in [0, 1]) where another noise draw changes them by "
-                  f"{q['purified_mean_abs_other_noise_vs_fp32']:.4f}; {q['prediction_flips_int8']} predictions flip "
+                  f"{q['purified_mean_abs_other_noise_vs_fp32']:.4f}; {q['prediction_flips_int8']} "
+                  f"{'prediction flips' if q['prediction_flips_int8'] == 1 else 'predictions flip'} "
                   f"(another noise draw: {q['prediction_flips_other_noise']}); accuracy on purified scans "
                   f"{100 * q['accuracy_fp32']:.2f} % fp32, {100 * q['accuracy_int8']:.2f} % int8. Calibrated on "
                   f"{q['calibration']['n_scans']} validation scans."]
