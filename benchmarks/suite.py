@@ -59,8 +59,7 @@ class Contenders:
         cfg = PurifyConfig.from_manifest(b.manifest)
         self.runtime = Pipeline(OrtEngine(b), cfg)
         # The int8 denoiser (export.quantize), where the bundle has one: timed beside fp32, never instead of it.
-        has_int8 = "int8" in b.manifest.get("graphs", {}).get("precisions", [])
-        self.runtime_int8 = Pipeline(OrtEngine(b, precision="int8"), cfg) if has_int8 else None
+        self.runtime_int8 = Pipeline(OrtEngine(b, precision="int8"), cfg) if "int8" in b.precisions else None
         self.int8_parity = b.manifest.get("parity", {}).get("int8")
         profile, sites, _ = load_sites(run, defense=defense)
         self.eager = [s for s in sites if s.site == site][0].pipe
@@ -241,7 +240,7 @@ def run_suite(run: str, bundle: str, out: str, *, n: int = 64, iters: int = 20, 
                     modes=("adaptive", "always", "classify"), iters=iters, warmup=warmup, log=log)
     write_reports(lat, out_p / "latency")
     lat8 = None
-    if "int8" in b.manifest.get("graphs", {}).get("precisions", []):
+    if "int8" in b.precisions:
         log("latency, the runtime with the int8 denoiser (batch 1) ...")
         lat8 = run_bench(bundle, str(traffic), engine="ort", precision="int8", batch_sizes=(1,),
                          traffics=("clean", "attacked"), modes=("adaptive",), iters=iters, warmup=warmup, log=log)

@@ -204,8 +204,7 @@ def _export_int8(profile: cfgmod.Profile, s, files: dict[str, Path], tmp: Path, 
     d, den = profile.defense, profile.denoiser
     cfg = PurifyConfig(tau=float(s.pipe.tau), t_min=d.t_min, t_max=d.t_max, ref_ratio=d.ref_ratio, quantum=d.quantum,
                        steps=d.steps, num_steps=den.num_steps, beta_start=den.beta_start, beta_end=den.beta_end)
-    abar = np.concatenate([[1.0], schedule.alphas_cumprod(schedule.linear_betas(den.num_steps, den.beta_start,
-                                                                                den.beta_end))])
+    abar = schedule.alpha_bar_by_step(den.num_steps, den.beta_start, den.beta_end)
     val = s.data["val"]
     feeds = calibration_inputs(val.images, abar, d.t_min, d.t_max, d.quantum, n=64)
     dst = tmp / "denoiser.int8.onnx"

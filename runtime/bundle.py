@@ -79,6 +79,11 @@ class Bundle:
         return self.path / name
 
     @property
+    def precisions(self) -> list[str]:
+        """The precisions the bundle's ONNX graphs come in (``int8``: only where the int8 denoiser passed its check)."""
+        return list(self.manifest.get("graphs", {}).get("precisions", ["fp32"]))
+
+    @property
     def size(self) -> int:
         return int(self.manifest["input"]["shape"][-1])
 

@@ -56,7 +56,7 @@ class Pipeline:
         if cfg.rule != "tau":
             raise ValueError(f"the bundle's detector rule is {cfg.rule!r}; only per-scan 'tau' can run at a scanner")
         self.engine, self.cfg = engine, cfg
-        self.abar = np.concatenate([[1.0], schedule.alphas_cumprod(schedule.linear_betas(cfg.num_steps, cfg.beta_start, cfg.beta_end))])
+        self.abar = schedule.alpha_bar_by_step(cfg.num_steps, cfg.beta_start, cfg.beta_end)
         self.betas = np.concatenate([[0.0], schedule.linear_betas(cfg.num_steps, cfg.beta_start, cfg.beta_end)])
 
     def purify(self, x: np.ndarray, t_star: int, rng: np.random.Generator, noise: np.ndarray | None = None) -> np.ndarray:

@@ -23,6 +23,11 @@ def alphas_cumprod(betas: np.ndarray) -> np.ndarray:
     return np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
 
 
+def alpha_bar_by_step(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2) -> np.ndarray:
+    """Alpha-bar of the linear schedule indexed by timestep: ``[T + 1]`` float64, ``[0] = 1`` (the clean image)."""
+    return np.concatenate([[1.0], alphas_cumprod(linear_betas(num_steps, beta_start, beta_end))])
+
+
 def respaced_timesteps(t_star: int, steps: int | None) -> list[int]:
     """Descending timesteps from ``t_star`` towards 0 used by a respaced reverse process.
 
