@@ -72,8 +72,12 @@ def test_simulated_medfedpure_run_personalizes_and_resumes(tmp_path, capsys):
     summary = run_federated(p, "synth:120", out, threads_per_site=1)
     assert summary["sites"] == 2 and 0.0 <= summary["mean_clean_acc"] <= 1.0
     for f in ("config.toml", "summary.json", "summary.md", "convergence.png", "metrics/rounds.csv",
-              "detector/best.pt", "denoiser/best.pt", "sites/site-0/classifier.pt", "sites/site-1/classifier.pt"):
+              "denoiser/best.pt", "sites/site-0/classifier.pt", "sites/site-1/classifier.pt"):
         assert (out / f).exists(), f
+    # the noise-floor score (the default) does not use the MAE: its phase is skipped, and the time of each phase
+    assert not (out / "detector").exists()
+    times = json.loads((out / "server/state.json").read_text())["phase_seconds"]
+    assert set(times) == {"denoiser", "classifier"} and all(t > 0 for t in times.values())
     assert C.load_toml(out / "config.toml") == p
     rows = [json.loads(line) for line in (out / "metrics" / "rounds.jsonl").read_text().splitlines()]
     ev = [r for r in rows if r["phase"] == "classifier" and r["kind"] == "eval"]

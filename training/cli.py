@@ -24,6 +24,7 @@ FED_FLAGS = {  # command-line flag -> FederatedConfig field
     "aggregation": "aggregation", "byzantine": "byzantine", "trim_beta": "trim_beta", "root_size": "root_size",
     "poison": "poison", "malicious_fraction": "malicious_fraction", "poison_scale": "poison_scale",
     "dp_clip": "dp_clip", "dp_sigma": "dp_sigma", "dp_weight_sigma": "dp_weight_sigma", "dp_delta": "dp_delta",
+    "server_opt": "server_opt", "server_lr": "server_lr", "server_momentum": "server_momentum",
 }
 
 
@@ -200,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dp-delta", type=float, help="delta of the reported epsilon")
     g.add_argument("--feature-skew", action="store_true", help="simulation: each site's scans re-acquired by its own "
                    "scanner profile (A-D)")
+    f.add_argument("--server-opt", choices=cfgmod.SERVER_OPTS, help="classifier phase: how the server applies the "
+                   "averaged update (Flower's FedAvgM, FedAdam, FedYogi; default fedavg)")
+    f.add_argument("--server-lr", type=float, help="server step size of --server-opt")
+    f.add_argument("--server-momentum", type=float, help="server momentum (FedAvgM) or beta_1 (FedAdam, FedYogi)")
     f.add_argument("--threads-per-site", type=int, default=1, help="torch threads per simulated site")
     f.add_argument("--parallel-sites", type=int, help="sites trained at the same time (default: cores / threads)")
     f.add_argument("--backend", choices=("ray", "inprocess"), default="ray",

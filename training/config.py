@@ -48,6 +48,15 @@ class ClassifierConfig:
     ``head_hidden`` units. The gates score psi(x), the mean of the experts'
     pooled features, with ``num_experts`` MLPs of ``gate_hidden`` units.
     Loss = CE(mixture) + beta * ||gate params||^2 + gamma * H(gate weights).
+
+    ``norm``: ``"batch"`` (batch-norm, the backbone's own) or ``"group"``
+    (GroupNorm with ``norm_groups`` groups: no running statistics, so nothing
+    computed from one site's label mix is averaged into the others).
+    ``logit_adjust`` > 0 trains with logit adjustment (Menon et al., 2021):
+    the cross-entropy sees the mixture's log-probabilities plus
+    ``logit_adjust`` * log(class prior of the training scans), so a site that
+    holds (almost) one class does not push the shared experts towards it;
+    prediction uses the unadjusted mixture.
     """
 
     backbone: str = "resnet18"
@@ -59,7 +68,18 @@ class ClassifierConfig:
     drop: float = 0.1
     beta: float = 1e-4
     gamma: float = 0.01
+    norm: str = "batch"
+    norm_groups: int = 8
+    logit_adjust: float = 0.0
     optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self):
+        if self.norm not in ("batch", "group"):
+            raise ValueError(f"classifier norm must be 'batch' or 'group', got {self.norm!r}")
+        if self.norm_groups < 1:
+            raise ValueError(f"classifier norm_groups must be >= 1, got {self.norm_groups}")
+        if self.logit_adjust < 0:
+            raise ValueError(f"classifier logit_adjust must be >= 0, got {self.logit_adjust}")
 
 
 @dataclass(frozen=True)
@@ -179,6 +199,7 @@ class DefenseConfig:
 METHODS = ("local", "fedavg", "fat", "pfeddef", "medfedpure")
 AGGREGATIONS = ("fedavg", "krum", "multikrum", "bulyan", "median", "trimmed", "fltrust", "optigradtrust")
 POISONS = ("none", "scaling", "partial", "signflip", "gaussian", "labelflip")
+SERVER_OPTS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 
 
 @dataclass(frozen=True)
@@ -220,6 +241,13 @@ class FederatedConfig:
     ``SKEW_SCANNERS[k % 4]`` (gamma, blur, Rician noise, bias field; see
     ``training/data/phantom.py``): the same anatomy looks different at each
     site, as with different scanners.
+
+    ``server_opt`` (classifier phase, ``fedavg`` aggregation): how the server
+    applies the sites' averaged update -- ``fedavg`` (replace the global
+    weights by the average), or Flower's ``fedavgm`` (server momentum
+    ``server_momentum``, step ``server_lr``), ``fedadam`` / ``fedyogi``
+    (adaptive server step ``server_lr``). Batch-norm buffers are always
+    averaged plainly. The optimizer's state is saved with every round.
     """
 
     method: str = "medfedpure"
@@ -250,8 +278,18 @@ class FederatedConfig:
     dp_weight_sigma: float = 0.0
     dp_delta: float = 1e-5
     feature_skew: bool = False
+    server_opt: str = "fedavg"
+    server_lr: float = 1.0
+    server_momentum: float = 0.9
 
     def __post_init__(self):
+        if self.server_opt not in SERVER_OPTS:
+            raise ValueError(f"unknown server optimizer {self.server_opt!r}; choose one of {SERVER_OPTS}")
+        if self.server_opt != "fedavg" and self.aggregation != "fedavg":
+            raise ValueError(f"server_opt {self.server_opt!r} applies to the fedavg aggregation only, "
+                             f"not {self.aggregation!r}")
+        if self.server_lr <= 0 or not 0.0 <= self.server_momentum < 1.0:
+            raise ValueError("server_lr must be > 0 and server_momentum in [0, 1)")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {self.aggregation!r}; choose one of {AGGREGATIONS}")
         if self.poison not in POISONS:
@@ -287,10 +325,6 @@ class FederatedConfig:
         d = self.defense_local_epochs or self.local_epochs
         return {"denoiser": d, "detector": d, "classifier": self.local_epochs}
 
-    @property
-    def phases(self) -> tuple[str, ...]:
-        """Training phases in order (the paper's: denoiser, detector, classifier)."""
-        return ("denoiser", "detector", "classifier") if self.method == "medfedpure" else ("classifier",)
 
 
 @dataclass(frozen=True)
@@ -309,6 +343,18 @@ class Profile:
     @property
     def image_size(self) -> int:
         return self.preprocess.size
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        """Federated training phases in order.
+
+        MedFedPure trains the denoiser, then the detector (the paper's MAE),
+        then the classifier; the MAE phase is skipped when the defense's
+        score does not use it (``defense.score = "floor"``, the default).
+        """
+        if self.federated.method != "medfedpure":
+            return ("classifier",)
+        return ("denoiser", "detector", "classifier") if self.defense.score == "mae" else ("denoiser", "classifier")
 
 
 COMPONENTS = ("classifier", "detector", "denoiser")

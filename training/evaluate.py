@@ -6,6 +6,10 @@ writes ``RUN/reports/robustness.md`` and ``.json`` (and ``roc.png``):
 - per site and averaged: clean accuracy through the whole pipeline (a
   flagged clean scan is purified), accuracy under each threat model, flag
   rates on clean and attacked scans, detection ROC AUC (clean vs. attacked);
+- beside accuracy (PROTOCOL.md rule 8): balanced accuracy and sensitivity
+  (tumor recall), and each site's system on the pooled test set (every
+  test scan of the run's data; a centralised run's one model on the whole
+  test split is that already);
 - the exact attack parameters, seeds, scan counts and the command.
 
 A site is what a hospital deploys: in a federated run ``sites/site-<k>/
@@ -36,7 +40,7 @@ from training.checkpoint import load_checkpoint
 from training.data.datasets import Split
 from training.defense import DefensePipeline, run_batched
 from training.federated import task
-from training.metrics import roc_auc, roc_curve
+from training.metrics import balanced_accuracy, positive_class, roc_auc, roc_curve, sensitivity
 from training.models import create_model
 
 THREATS = ("paper", "adaptive", "transfer")
@@ -77,10 +81,10 @@ def load_sites(run: str | Path, source: str | None = None,
     source = source or _read_source(run)
     federated = (run / "sites").is_dir()
     detector = denoiser = None
-    if (run / "detector" / "best.pt").exists() and (run / "denoiser" / "best.pt").exists():
-        if not federated or profile.federated.method == "medfedpure":
+    if (run / "denoiser" / "best.pt").exists() and (not federated or profile.federated.method == "medfedpure"):
+        denoiser = _load_model(run / "denoiser" / "best.pt", "denoiser")
+        if (run / "detector" / "best.pt").exists():  # a run whose score is the noise floor may have no MAE
             detector = _load_model(run / "detector" / "best.pt", "detector")
-            denoiser = _load_model(run / "denoiser" / "best.pt", "denoiser")
     sites: list[Site] = []
     if federated:
         n = profile.federated.sites
@@ -92,10 +96,10 @@ def load_sites(run: str | Path, source: str | None = None,
     else:
         sites.append(Site(0, _load_model(run / "classifier" / "best.pt", "classifier"), task.site_data(source, profile, None, None)))
     for s in sites:
-        if detector is not None:
+        if denoiser is not None:
             s.pipe = task.make_defense(s.classifier, detector, denoiser, profile, s.data["val"])
     kind = f"federated ({profile.federated.method}, {len(sites)} sites)" if federated else "centralised"
-    return profile, sites, {"run": str(run), "source": source, "kind": kind, "defended": detector is not None}
+    return profile, sites, {"run": str(run), "source": source, "kind": kind, "defended": denoiser is not None}
 
 
 def _test(site: Site, max_scans: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,16 +120,33 @@ def _attack_batched(fn, target, x: torch.Tensor, y: torch.Tensor, cfg, g: torch.
 
 
 def _through(site: Site, x: torch.Tensor, y: torch.Tensor, seed: int, batch_size: int = 32) -> dict:
-    """Accuracy (and flags, scores) of the site's deployed system on scans ``x``."""
+    """Accuracy, balanced accuracy, sensitivity (and flags, scores) of the site's deployed system on scans ``x``."""
+    pos = positive_class(site.data.class_names)
     if site.pipe is None:
         with torch.no_grad():
-            pred = torch.cat([site.classifier(x[i : i + 64]).argmax(1) for i in range(0, len(x), 64)])
-        return {"acc": float((pred == y).float().mean()), "n": int(len(y))}
+            pred = torch.cat([site.classifier(x[i : i + 64]).argmax(1) for i in range(0, len(x), 64)]).numpy()
+        return {"acc": float((pred == y.numpy()).mean()), "n": int(len(y)),
+                "balanced_acc": balanced_accuracy(y.numpy(), pred), "sensitivity": sensitivity(y.numpy(), pred, pos)}
     out = run_batched(site.pipe, x, batch_size, seed)
     pred = out["probs"].argmax(1)
     return {"acc": float((pred == y.numpy()).mean()), "n": int(len(y)), "flag_rate": float(out["flagged"].mean()),
             "mean_t_star_flagged": float(out["t_star"][out["flagged"]].mean()) if out["flagged"].any() else 0.0,
+            "balanced_acc": balanced_accuracy(y.numpy(), pred), "sensitivity": sensitivity(y.numpy(), pred, pos),
             "scores": out["scores"]}
+
+
+def _pooled(site: Site, clean: dict, n_clean: int, seed: int, batch_size: int = 32) -> dict:
+    """The site's system on the pooled test set: every test scan of the run's data (PROTOCOL.md rule 8).
+
+    A federated site holds the shared data set's test split in ``data.pooled``;
+    a centralised run's one site holds the whole test split already, so its
+    clean figures are reused when they covered every scan.
+    """
+    t: Split = site.data.pooled["test"] if site.data.pooled is not None else site.data["test"]
+    if site.data.pooled is None and n_clean == len(t):
+        return dict(clean)
+    x = torch.as_tensor(t.images)[:, None].float()
+    return _through(site, x, torch.as_tensor(t.labels).long(), seed, batch_size)
 
 
 def evaluate_run(run: str | Path, threats: tuple[str, ...] = ("paper",), *, max_scans: int = 0, adaptive_max: int = 64,
@@ -156,6 +177,8 @@ def evaluate_run(run: str | Path, threats: tuple[str, ...] = ("paper",), *, max_
         row["clean_acc_classifier_only"] = float((pred == y).float().mean())
         clean = _through(site, x, y, seed)
         row["clean"] = {k: v for k, v in clean.items() if k != "scores"}
+        row["pooled"] = {k: v for k, v in _pooled(site, row["clean"], len(y), seed + 4, batch_size).items()
+                         if k != "scores"}
         if site.pipe is not None:
             row["tau"] = site.pipe.tau
         if "paper" in threats:
@@ -214,17 +237,30 @@ def evaluate_run(run: str | Path, threats: tuple[str, ...] = ("paper",), *, max_
     return report
 
 
+def _nan_average(values: list[float], weights: np.ndarray) -> float:
+    """Weighted mean over the values that are not NaN (a site without positives has no sensitivity)."""
+    v = np.asarray(values, dtype=float)
+    ok = ~np.isnan(v) & (weights > 0)
+    return float(np.average(v[ok], weights=weights[ok])) if ok.any() else float("nan")
+
+
 def _means(rows: list[dict]) -> dict:
-    """Scan-weighted means over sites of every accuracy and flag rate."""
+    """Scan-weighted means over sites of every accuracy and flag rate (NaN figures left out).
+
+    ``pooled``: every site is measured on the same scans, so its weights are
+    equal and its ``n`` is the pooled set's size (``sites`` says how many).
+    """
     out: dict = {}
-    order = ["clean", "pgd_linf", "pgd_l2", "adaptive", "transfer_linf"]
+    order = ["clean", "pooled", "pgd_linf", "pgd_l2", "adaptive", "transfer_linf"]
     keys = {k for r in rows for k, v in r.items() if isinstance(v, dict)}
     for k in sorted(keys, key=lambda k: order.index(k) if k in order else len(order)):
         part = [r[k] for r in rows if k in r]
         w = np.array([p["n"] for p in part], dtype=float)
-        out[k] = {m: float(np.average([p[m] for p in part], weights=w)) for m in part[0]
+        out[k] = {m: _nan_average([p[m] for p in part], w) for m in part[0]
                   if isinstance(part[0][m], float) and all(m in p for p in part)}
-        out[k]["n"] = int(w.sum())
+        out[k]["n"] = int(w.max()) if k == "pooled" else int(w.sum())
+        if k == "pooled":
+            out[k]["sites"] = len(part)
     return out
 
 
@@ -253,7 +289,8 @@ def _pct(v) -> str:
 def render_markdown(r: dict, roc: str = "") -> str:
     names = {"clean": "clean (through the pipeline)", "pgd_linf": "PGD L-inf eps 0.015 (paper setting)",
              "pgd_l2": "PGD L2 eps 0.1 (paper setting)", "adaptive": "adaptive PGD on the pipeline",
-             "transfer_linf": "transfer PGD L-inf from another site"}
+             "transfer_linf": "transfer PGD L-inf from another site",
+             "pooled": "clean, pooled test set (every site's test scans)"}
     lines = [f"# Robustness: {r['run']}", "", f"{r['kind']}, profile `{r['profile']}`, data `{r['source']}`; "
              f"defense {'on' if r['defended'] else 'off (classifier only)'}.", "",
              f"Produced by: `{r['command'] or 'python -m training evaluate --run ' + r['run']}` "
@@ -272,11 +309,39 @@ def render_markdown(r: dict, roc: str = "") -> str:
         cells = [(_pct(s[k]["acc"]) + (f" (flagged {_pct(s[k]['flag_rate'])})" if "flag_rate" in s[k] else "")) if k in s else ""
                  for k in threats]
         lines.append(f"| {s['site']} | {s['n_test']} | {_pct(s['clean_acc_classifier_only'])} | " + " | ".join(cells) + " |")
+    lines += _clinical_lines(r)
     lines += ["", "## Attack parameters", "", "```json", json.dumps(r["attacks"], indent=1), "```", "",
               "Defense: " + json.dumps(r["defense"]) + f"; seed {r['seed']}."]
     if roc:
         lines += ["", f"![ROC]({roc})"]
     return "\n".join(lines) + "\n"
+
+
+def _clinical_lines(r: dict) -> list[str]:
+    """Clean scans through each site's system: accuracy, balanced accuracy, sensitivity, and on the pooled set."""
+    if not any("balanced_acc" in s.get("clean", {}) for s in r["sites"]):
+        return []  # a report written before these figures existed
+
+    def cells(d: dict) -> str:
+        c, p = d.get("clean", {}), d.get("pooled", {})
+        return (f"{_pct(c.get('acc'))} | {_pct(_num(c.get('balanced_acc')))} | {_pct(_num(c.get('sensitivity')))} | "
+                f"{_pct(_num(p.get('acc')))} | {_pct(_num(p.get('balanced_acc')))} | {_pct(_num(p.get('sensitivity')))} |")
+
+    lines = ["", "## Clinical figures (PROTOCOL.md rule 8)", "",
+             "Clean scans through each site's whole system. Sensitivity: recall of the tumor class. Pooled: the "
+             "site's system on every test scan of the run's data.", "",
+             "| site | test scans | accuracy | balanced accuracy | sensitivity | pooled accuracy | "
+             "pooled balanced accuracy | pooled sensitivity |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in r["sites"]:
+        lines.append(f"| {s['site']} | {s['n_test']} | " + cells(s))
+    m = r["mean"]
+    lines.append(f"| mean | {m.get('clean', {}).get('n', 0)} | " + cells(m))
+    return lines
+
+
+def _num(v):
+    """None for a missing or NaN figure (printed n/a)."""
+    return None if v is None or (isinstance(v, float) and np.isnan(v)) else v
 
 
 # --------------------------------------------------------------------------- robustness against compute
@@ -389,7 +454,10 @@ TABLE_ORDER = ("fedavg", "local", "fedem", "fat", "pfeddef", "medfedpure")
 def paper_tables(runs: list[str | Path], out: str | Path) -> Path:
     """Table I (L2 PGD, eps 0.1) and Table II (L-inf PGD, eps 0.015) from the runs' ``reports/robustness.json``.
 
-    One row per run, labelled by its method; means over sites weighted by test scans.
+    One row per run, labelled by its method; means over sites weighted by test scans. Also the clinician's
+    table (PROTOCOL.md rule 8), in ``tables.md`` and as ``tables.json``: per method the mean and worst
+    site's clean accuracy, pooled balanced accuracy, mean sensitivity, PGD accuracies and training minutes
+    (from the run's ``summary.json`` ``phase_seconds``; null when it has none).
     """
     rows = []
     for run in runs:
@@ -417,8 +485,40 @@ def paper_tables(runs: list[str | Path], out: str | Path) -> Path:
         if "pgd_linf" in m:
             lines.append(f"| {method} | `{run}` | {len(r['sites'])} | {m['clean']['n']} | {_pct(m['clean']['acc'])} | "
                          f"{_pct(m['pgd_linf']['acc'])} | {_pct(m['pgd_linf'].get('flag_rate'))} |")
+    clinical: dict[str, dict] = {}
+    for method, run, r in rows:
+        key = method if method not in clinical else f"{method} ({run})"
+        clinical[key] = {"run": run, **clinician_row(run, r)}
+    lines += ["", "## Clinician: figures a label-skewed site cannot flatter (PROTOCOL.md rule 8)", "",
+              "Clean scans through each system; worst site: the lowest per-site clean accuracy; pooled balanced: "
+              "each site's system on every test scan of the run's data, balanced accuracy, mean over sites; "
+              "sensitivity: tumor recall.", "",
+              "| method | run | mean clean acc | worst site clean acc | pooled balanced acc | mean sensitivity | "
+              "PGD L-inf acc | PGD L2 acc | training minutes |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for key, c in clinical.items():
+        minutes = "n/a" if c["train_minutes"] is None else f"{c['train_minutes']:.1f}"
+        lines.append(f"| {key} | `{c['run']}` | {_pct(c['mean_clean'])} | {_pct(c['min_site_clean'])} | "
+                     f"{_pct(c['pooled_balanced'])} | {_pct(c['mean_sensitivity'])} | {_pct(c['pgd_linf'])} | "
+                     f"{_pct(c['pgd_l2'])} | {minutes} |")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     md = out / "tables.md"
     md.write_text("\n".join(lines) + "\n")
+    (out / "tables.json").write_text(json.dumps(clinical, indent=1))
     return md
+
+
+def clinician_row(run: str | Path, r: dict) -> dict:
+    """The clinician's figures of one run from its robustness report ``r`` (None where a figure is missing)."""
+    m = r.get("mean", {})
+
+    def get(part: str, key: str = "acc"):
+        return _num(m.get(part, {}).get(key))
+
+    site_clean = [s["clean"]["acc"] for s in r.get("sites", []) if _num(s.get("clean", {}).get("acc")) is not None]
+    summary = Path(run) / "summary.json"
+    phase_seconds = json.loads(summary.read_text()).get("phase_seconds") if summary.exists() else None
+    minutes = sum(float(v) for v in phase_seconds.values()) / 60.0 if isinstance(phase_seconds, dict) and phase_seconds else None
+    return {"mean_clean": get("clean"), "min_site_clean": min(site_clean) if site_clean else None,
+            "pooled_balanced": get("pooled", "balanced_acc"), "mean_sensitivity": get("clean", "sensitivity"),
+            "pgd_linf": get("pgd_linf"), "pgd_l2": get("pgd_l2"), "train_minutes": minutes}

@@ -60,3 +60,37 @@ def logistic_cv_accuracy(features: np.ndarray, labels: np.ndarray, folds: int = 
         xs = np.c_[np.ones(len(test)), (x[test] - mu) / sd]
         correct += int(((xs @ w > 0) == (y[test] > 0.5)).sum())
     return correct / len(y)
+
+
+def balanced_accuracy(labels, preds) -> float:
+    """Mean recall over the classes present in ``labels`` (NaN when there are no labels).
+
+    A class absent from ``labels`` has no recall and is left out, so a site
+    whose test scans are all of one class is scored on that class alone.
+    """
+    y, p = np.asarray(labels).ravel(), np.asarray(preds).ravel()
+    if y.size == 0:
+        return float("nan")
+    if y.shape != p.shape:
+        raise ValueError(f"{y.size} labels but {p.size} predictions")
+    return float(np.mean([(p[y == c] == c).mean() for c in np.unique(y)]))
+
+
+def sensitivity(labels, preds, positive: int) -> float:
+    """Recall of class ``positive`` (the tumor class); NaN when ``labels`` has no positive."""
+    y, p = np.asarray(labels).ravel(), np.asarray(preds).ravel()
+    if y.shape != p.shape:
+        raise ValueError(f"{y.size} labels but {p.size} predictions")
+    pos = y == positive
+    return float((p[pos] == positive).mean()) if pos.any() else float("nan")
+
+
+def positive_class(class_names) -> int:
+    """Index of the tumor class: the name "yes", "tumor" or "tumour" (any case), else the last class."""
+    names = [str(c).strip().lower() for c in class_names]
+    for i, c in enumerate(names):
+        if c in ("yes", "tumor", "tumour"):
+            return i
+    if not names:
+        raise ValueError("no class names")
+    return len(names) - 1

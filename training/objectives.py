@@ -20,10 +20,16 @@ def gate_l2(model: MixtureOfExperts) -> torch.Tensor:
     return sum(p.pow(2).sum() for p in model.gates.parameters())
 
 
-def moe_loss(model: MixtureOfExperts, x: torch.Tensor, y: torch.Tensor, beta: float, gamma: float):
-    """Paper Eq. 9: CE of the mixture + beta * L2(gate params) + gamma * entropy(gate weights)."""
+def moe_loss(model: MixtureOfExperts, x: torch.Tensor, y: torch.Tensor, beta: float, gamma: float,
+             log_prior: torch.Tensor | None = None):
+    """Paper Eq. 9: CE of the mixture + beta * L2(gate params) + gamma * entropy(gate weights).
+
+    ``log_prior`` ([C], already scaled by the adjustment strength): logit
+    adjustment -- the cross-entropy is taken on ``log_probs + log_prior``.
+    """
     out = model.forward_all(x)
-    ce = F.nll_loss(out["log_probs"], y)
+    logits = out["log_probs"] if log_prior is None else out["log_probs"] + log_prior.to(x.device)
+    ce = F.cross_entropy(logits, y)
     w = out["gate_weights"]
     entropy = -(w * w.clamp_min(1e-12).log()).sum(1).mean()
     loss = ce + beta * gate_l2(model) + gamma * entropy
@@ -49,9 +55,18 @@ def eps_loss(model, diffusion: GaussianDiffusion, x: torch.Tensor, t: torch.Tens
 class ClassifierObjective:
     beta: float
     gamma: float
+    log_prior: torch.Tensor | None = None
 
     def __call__(self, model, x, y, generator):
-        return moe_loss(model, x, y, self.beta, self.gamma)
+        return moe_loss(model, x, y, self.beta, self.gamma, self.log_prior)
+
+
+def adjusted_log_prior(labels, num_classes: int, strength: float) -> torch.Tensor | None:
+    """``strength`` * log(class prior) of ``labels`` (add-one smoothed), or None when ``strength`` is 0."""
+    if strength <= 0:
+        return None
+    counts = torch.bincount(torch.as_tensor(labels).long(), minlength=num_classes).double() + 1.0
+    return (strength * (counts / counts.sum()).log()).float()
 
 
 @dataclass

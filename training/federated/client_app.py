@@ -116,10 +116,12 @@ def _assemble(phase: str, profile, msg: Message, local: dict | None):
 
 def _defense(msg: Message, profile, classifier, data: task.SiteData):
     """The site's pipeline from the global detector and denoiser carried by the message (MedFedPure)."""
-    if "detector" not in msg.content or "denoiser" not in msg.content:
+    if "denoiser" not in msg.content:
         return None
-    parts = {}
+    parts = {"detector": None}  # no MAE phase when the detection score does not use it
     for name in ("detector", "denoiser"):
+        if name not in msg.content:
+            continue
         m = task.build_model(name, profile)
         m.load_state_dict(msg.content[name].to_torch_state_dict())
         parts[name] = m.eval()
@@ -220,7 +222,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     if phase == "classifier":
         defense = _defense(msg, profile, model, data)
-        values = task.evaluate_site(model, data, profile, defense)
+        # The pooled test set (every site's scans) only once, in the phase's last round: it costs a pass over all of them.
+        values = task.evaluate_site(model, data, profile, defense,
+                                    pooled=rnd == profile.federated.phase_rounds[phase])
         save_checkpoint(
             state_dir / "classifier.pt", component="classifier", model=model.state_dict(),
             config=cfgmod.to_dict(task.classifier_profile(profile)), split_digest=data.digest,

@@ -71,7 +71,7 @@ def cmd_deploy_prepare(args) -> int:
     profile = _profile(args)
     run_dir = prepare_deployment(profile, args.out)
     fed = profile.federated
-    rounds = ", ".join(f"{p} {fed.phase_rounds[p]}" for p in fed.phases)
+    rounds = ", ".join(f"{p} {fed.phase_rounds[p]}" for p in profile.phases)
     print(f"wrote {run_dir / 'config.toml'}: profile {profile.name}, method {fed.method}, "
           f"{fed.sites} sites, rounds: {rounds}")
     print("\nwith the SuperLink and all sites' SuperNodes running, start (or resume) the run with:\n")

@@ -50,8 +50,14 @@ class RunState:
     def done(self, phase: str) -> int:
         return int(self.data.get(phase, 0))
 
-    def mark(self, phase: str, rnd: int) -> None:
+    def seconds(self, phase: str) -> float:
+        return float(self.data.get("phase_seconds", {}).get(phase, 0.0))
+
+    def mark(self, phase: str, rnd: int, seconds: float = 0.0) -> None:
+        """Round ``rnd`` of ``phase`` is finished; ``seconds`` of training time are added to the phase's total."""
         self.data[phase] = rnd
+        times = self.data.setdefault("phase_seconds", {})
+        times[phase] = float(times.get(phase, 0.0)) + float(seconds)
         self.file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.file.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=1))
@@ -62,6 +68,13 @@ def _save_arrays(path: Path, arrays: ArrayRecord) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(arrays.to_torch_state_dict(), tmp)
+    os.replace(tmp, path)
+
+
+def _save_state(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
     os.replace(tmp, path)
 
 
@@ -115,6 +128,20 @@ def _nanmean(rows: list[dict], key: str) -> float:
     return float(np.average(vals, weights=w)) if vals and sum(w) > 0 else float("nan")
 
 
+def _unweighted(rows: list[dict], key: str) -> list[dict]:
+    """``rows`` reduced to ``key``, so that :func:`_nanmean` weighs every site 1 (figures on the same scans)."""
+    return [{key: r[key]} for r in rows if key in r]
+
+
+def _nanmin(rows: list[dict], key: str) -> float:
+    vals = [r[key] for r in rows if key in r and isinstance(r[key], (int, float)) and not math.isnan(r[key])]
+    return float(min(vals)) if vals else float("nan")
+
+
+def _f4(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+
 def _check(replies: list[Message], expected: int, what: str, log) -> list[Message]:
     """The replies without errors, in site order (not arrival order: aggregation then does not depend on timing)."""
     ok = sorted((m for m in replies if not m.has_error()), key=_site_key)
@@ -137,10 +164,11 @@ def run_server(grid: Grid, run_dir: str | Path, profile: cfgmod.Profile, data_so
     profile_json = json.dumps(cfgmod.to_dict(profile))
     globals_: dict[str, ArrayRecord] = {}
     t_run = time.perf_counter()
-    for phase in fed.phases:
+    for phase in profile.phases:
         rounds = fed.phase_rounds[phase]
         model = task.build_model(phase, profile)
         shared = task.shared_keys(phase, model, profile)
+        params = {n for n, _ in model.named_parameters()}
         arrays = ArrayRecord({k: v for k, v in model.state_dict().items() if k in shared})
         done = state.done(phase)
         if done:
@@ -154,7 +182,11 @@ def run_server(grid: Grid, run_dir: str | Path, profile: cfgmod.Profile, data_so
                 raise ValueError(f"{fed.aggregation} needs the server's root set: set run-config root-data='/path/to/scans'")
             root = RootSet(profile, *task.root_set(source, profile))
             log(f"[{phase}] {fed.aggregation}: server root set of {len(root.labels)} clean training scans")
-        strategy = make_strategy(phase, profile, grid_sites=fed.sites, root=root)
+        strategy = make_strategy(phase, profile, grid_sites=fed.sites, root=root,
+                                 buffers=[k for k in shared if k not in params])
+        opt_file = run_dir / "server" / f"{phase}-opt.pt"
+        if done and hasattr(strategy, "load_state") and opt_file.exists():
+            strategy.load_state(torch.load(opt_file, map_location="cpu", weights_only=True))
         ledger = None
         if phase == "classifier" and fed.dp_sigma > 0:
             ledger = PrivacyLedger(fed.dp_sigma, fed.sites, fed.dp_delta)
@@ -162,7 +194,7 @@ def run_server(grid: Grid, run_dir: str | Path, profile: cfgmod.Profile, data_so
                 ledger.step(min(done, rounds))
         extra = {}
         if phase == "classifier" and fed.method == "medfedpure":
-            extra = {name: globals_[name] for name in ("detector", "denoiser")}
+            extra = {name: globals_[name] for name in ("detector", "denoiser") if name in globals_}
         base_cfg = {"phase": phase, "profile": profile_json, "data": data_source, "run-dir": str(run_dir.resolve()),
                     "threads-per-site": int(threads_per_site)}
         for rnd in range(done + 1, rounds + 1):
@@ -209,7 +241,9 @@ def run_server(grid: Grid, run_dir: str | Path, profile: cfgmod.Profile, data_so
                 log(f"[{phase}] round {rnd}/{rounds}: " + _round_line(phase, train_rows, []) + f" ({time.perf_counter() - t0:.0f} s)")
             _append_rows(run_dir, rows)
             _save_arrays(run_dir / "server" / f"{phase}.pt", arrays)
-            state.mark(phase, rnd)
+            if hasattr(strategy, "state"):
+                _save_state(opt_file, strategy.state())
+            state.mark(phase, rnd, time.perf_counter() - t0)
         globals_[phase] = arrays
         if phase != "classifier":
             _save_global(run_dir, phase, profile, arrays, model)
@@ -287,7 +321,7 @@ def write_summary(run_dir: Path, profile: cfgmod.Profile, seconds: float) -> dic
     rows = read_rows(run_dir)
     fed = profile.federated
     final = {}
-    for phase in fed.phases:
+    for phase in profile.phases:
         ev = [r for r in rows if r["phase"] == phase and r["kind"] == "eval"]
         if not ev:
             continue
@@ -299,11 +333,24 @@ def write_summary(run_dir: Path, profile: cfgmod.Profile, seconds: float) -> dic
         "local_epochs": fed.phase_epochs, "partition": fed.partition, "fedbn": fed.fedbn,
         "eval_attack": cfgmod.to_dict(profile)["federated"]["eval_attack"],
         "mean_clean_acc": _nanmean(cls, "clean_acc"), "mean_pgd_acc": _nanmean(cls, "pgd_acc"),
+        # PROTOCOL.md rule 8: beside the scan-weighted mean, figures a label-skewed site cannot flatter
+        "mean_balanced_acc": _nanmean(cls, "clean_balanced_acc"), "mean_sensitivity": _nanmean(cls, "clean_sensitivity"),
+        "min_site_clean_acc": _nanmin(cls, "clean_acc"),
+        # every site is measured on the same pooled scans: one site, one vote (weight 1)
+        "mean_pooled_balanced_acc": _nanmean(_unweighted(cls, "pooled_balanced_acc"), "pooled_balanced_acc"),
+        "min_pooled_balanced_acc": _nanmin(cls, "pooled_balanced_acc"),
+        # for choosing recipes on validation scans (rule 10)
+        "mean_val_balanced_acc": _nanmean(cls, "val_balanced_acc"),
+        "mean_pooled_val_balanced_acc": _nanmean(_unweighted(cls, "pooled_val_balanced_acc"), "pooled_val_balanced_acc"),
         "per_site": [{k: r.get(k) for k in ("site", "num-examples", "clean_acc", "pgd_acc", "clean_acc_classifier",
-                                            "pgd_acc_classifier", "flag_rate_clean", "flag_rate_pgd", "tau") if k in r}
+                                            "pgd_acc_classifier", "flag_rate_clean", "flag_rate_pgd", "tau",
+                                            *task.CLINICAL_KEYS) if k in r}
                      for r in cls],
         "wall_seconds_this_session": seconds,
     }
+    phase_seconds = RunState(run_dir).data.get("phase_seconds")
+    if isinstance(phase_seconds, dict) and phase_seconds:
+        summary["phase_seconds"] = {str(k): float(v) for k, v in phase_seconds.items()}
     for phase in ("denoiser", "detector"):
         if phase in final:
             key = task.VAL_METRIC[phase][0]
@@ -316,12 +363,24 @@ def write_summary(run_dir: Path, profile: cfgmod.Profile, seconds: float) -> dic
              f"local epochs {fed.phase_epochs}; PGD for evaluation: {profile.federated.eval_attack.describe()}", "",
              f"Mean over sites (weighted by test scans): clean accuracy **{summary['mean_clean_acc']:.4f}**, "
              f"PGD accuracy **{summary['mean_pgd_acc']:.4f}**", "",
-             "| site | test scans | clean acc | PGD acc | clean acc (classifier only) | PGD acc (classifier only) |",
-             "|---:|---:|---:|---:|---:|---:|"]
+             f"Clinical figures (PROTOCOL.md rule 8): balanced accuracy {summary['mean_balanced_acc']:.4f}, "
+             f"sensitivity (tumor recall) {summary['mean_sensitivity']:.4f}, worst site's clean accuracy "
+             f"{summary['min_site_clean_acc']:.4f}; each site's system on the pooled test set (all sites' scans), "
+             f"balanced accuracy: mean {summary['mean_pooled_balanced_acc']:.4f}, worst site "
+             f"{summary['min_pooled_balanced_acc']:.4f}", "",
+             f"Validation (for choosing recipes): balanced accuracy {summary['mean_val_balanced_acc']:.4f} on the "
+             f"sites' own scans, {summary['mean_pooled_val_balanced_acc']:.4f} on the pooled validation set", ""]
+    if "phase_seconds" in summary:
+        lines += ["Time per phase: " + ", ".join(f"{ph} {sec / 60:.1f} min" for ph, sec in summary["phase_seconds"].items())
+                  + f" (total {sum(summary['phase_seconds'].values()) / 60:.1f} min)", ""]
+    lines += ["| site | test scans | clean acc | PGD acc | clean acc (classifier only) | PGD acc (classifier only) | "
+              "balanced acc | sensitivity | pooled balanced acc |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary["per_site"]:
-        lines.append(f"| {r['site']} | {r.get('num-examples', 0)} | {r.get('clean_acc', float('nan')):.4f} | "
-                     f"{r.get('pgd_acc', float('nan')):.4f} | {r.get('clean_acc_classifier', float('nan')):.4f} | "
-                     f"{r.get('pgd_acc_classifier', float('nan')):.4f} |")
+        lines.append(f"| {r['site']} | {r.get('num-examples', 0)} | {_f4(r.get('clean_acc'))} | "
+                     f"{_f4(r.get('pgd_acc'))} | {_f4(r.get('clean_acc_classifier'))} | "
+                     f"{_f4(r.get('pgd_acc_classifier'))} | {_f4(r.get('clean_balanced_acc'))} | "
+                     f"{_f4(r.get('clean_sensitivity'))} | {_f4(r.get('pooled_balanced_acc'))} |")
     if plot:
         lines += ["", f"![convergence]({plot.name})"]
     (run_dir / "summary.md").write_text("\n".join(lines) + "\n")

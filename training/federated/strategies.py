@@ -26,9 +26,19 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+)
 
 from training import config as cfgmod
 from training.federated import robust
@@ -180,8 +190,80 @@ class RootTrust(FedAvg):
         return ArrayRecord(new), metrics
 
 
-def make_strategy(phase: str, profile: cfgmod.Profile, grid_sites: int, root: RootSet | None = None) -> FedAvg:
-    """The strategy of ``phase``: all ``grid_sites`` sites train and evaluate every round."""
+class ServerOptimizer:
+    """Mixin over Flower's ``FedAvgM`` / ``FedAdam`` / ``FedYogi``: the optimizer moves the parameters only.
+
+    Flower's server optimizers treat every array alike; batch-norm running
+    statistics and batch counters are not parameters (a momentum or Adam step
+    on a running variance can make it negative), so ``buffers`` are replaced
+    by their plain weighted average. :meth:`state` / :meth:`load_state` carry
+    the optimizer's moments across a restart (``RUN/server/<phase>-opt.pt``).
+    """
+
+    buffers: frozenset[str] = frozenset()
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        plain, _ = FedAvg.aggregate_train(self, server_round, replies)
+        stepped, metrics = super().aggregate_train(server_round, replies)
+        if stepped is None or plain is None:
+            return stepped, metrics
+        out = ArrayRecord({k: (plain[k] if k in self.buffers
+                               else Array(stepped[k].numpy().astype(plain[k].numpy().dtype, copy=False)))
+                           for k in stepped.keys()})
+        if isinstance(self, FedAvgM):  # FedAvgM steps from the arrays it returned last; keep them identical
+            self.current_arrays = out
+        return out, metrics
+
+    def state(self) -> dict:
+        if isinstance(self, FedAvgM):
+            mv = self.momentum_vector
+            return {"momentum": None if mv is None else [torch.from_numpy(np.array(v)) for v in mv]}
+        return {k: None if getattr(self, k) is None else {n: torch.from_numpy(np.array(v)) for n, v in getattr(self, k).items()}
+                for k in ("m_t", "v_t")}
+
+    def load_state(self, state: dict) -> None:
+        if isinstance(self, FedAvgM):
+            mv = state.get("momentum")
+            self.momentum_vector = None if mv is None else [v.numpy() for v in mv]
+            return
+        for k in ("m_t", "v_t"):
+            v = state.get(k)
+            setattr(self, k, None if v is None else {n: a.numpy() for n, a in v.items()})
+
+
+class ServerAvgM(ServerOptimizer, FedAvgM):
+    pass
+
+
+class ServerAdam(ServerOptimizer, FedAdam):
+    pass
+
+
+class ServerYogi(ServerOptimizer, FedYogi):
+    pass
+
+
+def make_server_optimizer(fed: cfgmod.FederatedConfig, buffers: Iterable[str], **kwargs) -> ServerOptimizer:
+    """Flower's server optimizer ``fed.server_opt`` (fedavgm | fedadam | fedyogi), parameters only."""
+    if fed.server_opt == "fedavgm":
+        strategy = ServerAvgM(server_learning_rate=fed.server_lr, server_momentum=fed.server_momentum, **kwargs)
+    elif fed.server_opt == "fedadam":
+        strategy = ServerAdam(eta=fed.server_lr, beta_1=fed.server_momentum, beta_2=0.99, tau=1e-3, **kwargs)
+    elif fed.server_opt == "fedyogi":
+        strategy = ServerYogi(eta=fed.server_lr, beta_1=fed.server_momentum, beta_2=0.99, tau=1e-3, **kwargs)
+    else:
+        raise ValueError(f"no server optimizer for {fed.server_opt!r}")
+    strategy.buffers = frozenset(buffers)
+    return strategy
+
+
+def make_strategy(phase: str, profile: cfgmod.Profile, grid_sites: int, root: RootSet | None = None,
+                  buffers: Iterable[str] = ()) -> FedAvg:
+    """The strategy of ``phase``: all ``grid_sites`` sites train and evaluate every round.
+
+    ``buffers``: shared keys that are not parameters (batch-norm statistics), averaged plainly by a server optimizer.
+    """
     fed = profile.federated
     kwargs = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=grid_sites,
                   min_evaluate_nodes=grid_sites, min_available_nodes=grid_sites)
@@ -203,4 +285,6 @@ def make_strategy(phase: str, profile: cfgmod.Profile, grid_sites: int, root: Ro
         if root is None:
             raise ValueError(f"{agg} needs the server's root set of clean scans")
         return RootTrust(agg, root, seed=profile.seed, **kwargs)
+    if phase == "classifier" and fed.server_opt != "fedavg":
+        return make_server_optimizer(fed, buffers, **kwargs)
     return FedAvg(**kwargs)

@@ -17,7 +17,9 @@ site that holds them.
   10-13), a proximal term (FedProx).
 - :func:`evaluate_site`: clean and PGD accuracy on the site's test scans;
   for MedFedPure through the whole defense, with tau calibrated on the site's
-  own clean validation scans.
+  own clean validation scans. Beside them balanced accuracy and sensitivity,
+  validation figures, and (last round) the site's system on the pooled test
+  set of every site's scans (simulation; PROTOCOL.md rule 8).
 """
 
 from __future__ import annotations
@@ -39,9 +41,10 @@ from training.data.partition import class_shares, partition, partition_like
 from training.defense import DefensePipeline, calibrate_tau, detection_scores, t_star_of
 from training.diffusion import GaussianDiffusion, purify
 from training.engine import batches, cosine_lr, train_one_epoch
+from training.metrics import balanced_accuracy, positive_class, sensitivity
 from training.models import create_model
 from training.models.moe import site_local_keys
-from training.objectives import make_objective
+from training.objectives import adjusted_log_prior, make_objective
 from training.train import VAL_METRIC, evaluate
 
 SPLITS = ("train", "val", "test")
@@ -54,6 +57,9 @@ class SiteData:
     class_names: list[str]
     digest: str
     splits: dict[str, Split]
+    # Simulation only: the shared data set's whole ``val`` and ``test`` splits (every site's scans), for the
+    # pooled figures of PROTOCOL.md rule 8; None at a real site, which holds its own scans only.
+    pooled: dict[str, Split] | None = None
 
     def __getitem__(self, name: str) -> Split:
         return self.splits[name]
@@ -103,7 +109,11 @@ def site_data(source: str, profile: cfgmod.Profile, site: int | None, n_sites: i
     splits = {s: subset(data[s], parts[s][site]) for s in SPLITS}
     if profile.federated.feature_skew:
         splits = {s: rescan(split, site, profile.seed, s) for s, split in splits.items()}
-    return SiteData(site, n_sites, data.class_names, data.digest, splits)
+    # The pooled splits are the raw shared ones, also with ``feature_skew``: every site is then measured on the
+    # same scans, as acquired before any site's scanner is simulated (rescanning them per site would make the
+    # pooled figure a different test set at every site).
+    pooled = {s: data[s] for s in ("val", "test")}
+    return SiteData(site, n_sites, data.class_names, data.digest, splits, pooled)
 
 
 SKEW_SCANNERS = ("A", "B", "C", "D")
@@ -255,10 +265,15 @@ class PurifiedAugmentObjective:
         return self.base(model, x, y, generator)
 
 
-def classifier_objective(profile: cfgmod.Profile, defense: DefensePipeline | None = None):
-    """The classifier's local objective for the run's method (see ``FederatedConfig``)."""
-    fed, d = profile.federated, profile.defense
+def classifier_objective(profile: cfgmod.Profile, defense: DefensePipeline | None = None, labels=None):
+    """The classifier's local objective for the run's method (see ``FederatedConfig``).
+
+    ``labels``: the site's training labels, for logit adjustment (``classifier.logit_adjust``).
+    """
+    fed, d, c = profile.federated, profile.defense, profile.classifier
     objective = make_objective("classifier", classifier_profile(profile))
+    if labels is not None and c.logit_adjust > 0:
+        objective = replace(objective, log_prior=adjusted_log_prior(labels, c.num_classes, c.logit_adjust))
     if fed.method in ("fat", "pfeddef") and fed.adv_fraction > 0:
         return AdversarialObjective(objective, fed.train_attack, fed.adv_fraction)
     if fed.method != "medfedpure" or defense is None:
@@ -308,7 +323,8 @@ def local_train(
     def lr_at(step: int) -> float:  # one cosine schedule over the whole run, as centrally
         return cosine_lr(step, total, warmup, opt.lr)
 
-    objective = classifier_objective(profile, defense) if phase == "classifier" else make_objective(phase, profile)
+    objective = (classifier_objective(profile, defense, train.labels) if phase == "classifier"
+                 else make_objective(phase, profile))
     extra = proximal_term(model, global_shared, fed.proximal_mu) if fed.proximal_mu > 0 and global_shared else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
     generator = torch.Generator().manual_seed(zlib.crc32(f"{profile.seed}/{phase}/{data.site}/{server_round}".encode()))
@@ -347,44 +363,100 @@ def make_defense(classifier, detector, denoiser, profile: cfgmod.Profile, val: S
                            profile.defense, d.mask_ratio, d.mask_seed).eval()
 
 
+CLINICAL_KEYS = ("clean_balanced_acc", "clean_sensitivity", "pgd_balanced_acc", "val_acc", "val_balanced_acc",
+                 "pooled_val_balanced_acc", "pooled_acc", "pooled_balanced_acc", "pooled_sensitivity")
+
+
+@torch.no_grad()
+def predict_clean(model: nn.Module, defense: DefensePipeline | None, split: Split, generator: torch.Generator,
+                  batch_size: int = 64) -> np.ndarray:
+    """Predicted classes ``[N]`` of ``split``'s clean scans: through ``defense`` when given, else ``model`` alone."""
+    preds = [(defense.run(x, generator)["probs"] if defense is not None else model(x)).argmax(1).numpy()
+             for x, _ in batches(split.images, split.labels, batch_size, False)]
+    return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+
+
 def evaluate_site(
     model: nn.Module, data: SiteData, profile: cfgmod.Profile, defense: DefensePipeline | None = None,
-    batch_size: int = 32,
+    batch_size: int = 32, *, pooled: bool = False,
 ) -> dict:
-    """Clean and paper-setting PGD accuracy on the site's test scans (capped at ``eval_max``).
+    """Clean and paper-setting PGD accuracy on the site's test scans (capped at ``eval_max``), and clinical figures.
 
     The attack is PGD on the site's classifier (PROTOCOL.md, paper setting);
     with a ``defense`` the clean and adversarial scans then go through the
     whole pipeline, and the classifier-only figures are reported beside.
+
+    Beside accuracy (PROTOCOL.md rule 8): balanced accuracy and sensitivity
+    (tumor recall) on the same test scans; ``val_acc`` / ``val_balanced_acc``
+    on the site's own clean validation scans and ``pooled_val_balanced_acc``
+    on the pooled validation split (for choosing recipes, rule 10); and with
+    ``pooled=True`` (the phase's last round) ``pooled_acc``,
+    ``pooled_balanced_acc``, ``pooled_sensitivity`` of the site's system on
+    every scan of the pooled test split (no ``eval_max`` cap). Every key is
+    always present (NaN when not computed): Flower checks that replies agree.
     """
     fed = profile.federated
     test = data["test"]
+    pos = positive_class(data.class_names)
     n = len(test) if fed.eval_max <= 0 else min(len(test), fed.eval_max)
+    model.eval()
+    out: dict = {k: float("nan") for k in CLINICAL_KEYS}
     if n == 0:  # the same keys as always (Flower checks replies agree), no invented figure
         keys = ["clean_acc", "pgd_acc", "clean_acc_classifier", "pgd_acc_classifier"]
         keys += ["flag_rate_clean", "flag_rate_pgd", "tau"] if defense is not None else []
-        return {**{k: float("nan") for k in keys}, "num-examples": 0}
-    model.eval()
-    g = torch.Generator().manual_seed(profile.seed + 7919 * data.site)
-    hits = {"clean_acc": 0, "pgd_acc": 0, "clean_acc_classifier": 0, "pgd_acc_classifier": 0,
-            "flag_rate_clean": 0, "flag_rate_pgd": 0}
-    idx = np.random.default_rng(0).permutation(len(test))[:n]  # a sample of both classes (splits list by class)
-    for x, y in batches(test.images[idx], test.labels[idx], batch_size, False):
-        x_adv = pgd(model, x, y, fed.eval_attack, g)
-        with torch.no_grad():
-            hits["clean_acc_classifier"] += int((model(x).argmax(1) == y).sum())
-            hits["pgd_acc_classifier"] += int((model(x_adv).argmax(1) == y).sum())
-            if defense is not None:
-                for name, xs in (("clean", x), ("pgd", x_adv)):
-                    out = defense.run(xs, g)
-                    hits[f"{name}_acc"] += int((out["probs"].argmax(1) == y).sum())
-                    hits[f"flag_rate_{name}"] += int(out["flagged"].sum())
-    if defense is None:
-        hits["clean_acc"], hits["pgd_acc"] = hits["clean_acc_classifier"], hits["pgd_acc_classifier"]
-        del hits["flag_rate_clean"], hits["flag_rate_pgd"]
-    out = {k: v / n for k, v in hits.items()}
-    if defense is not None:
-        out["tau"] = defense.tau
+        out.update({k: float("nan") for k in keys})
+    else:
+        g = torch.Generator().manual_seed(profile.seed + 7919 * data.site)
+        hits = {"clean_acc": 0, "pgd_acc": 0, "clean_acc_classifier": 0, "pgd_acc_classifier": 0,
+                "flag_rate_clean": 0, "flag_rate_pgd": 0}
+        preds: dict[str, list[np.ndarray]] = {"clean": [], "pgd": []}
+        labels: list[np.ndarray] = []
+        idx = np.random.default_rng(0).permutation(len(test))[:n]  # a sample of both classes (splits list by class)
+        for x, y in batches(test.images[idx], test.labels[idx], batch_size, False):
+            x_adv = pgd(model, x, y, fed.eval_attack, g)
+            labels.append(y.numpy())
+            with torch.no_grad():
+                clean_cls, adv_cls = model(x).argmax(1), model(x_adv).argmax(1)
+                hits["clean_acc_classifier"] += int((clean_cls == y).sum())
+                hits["pgd_acc_classifier"] += int((adv_cls == y).sum())
+                if defense is not None:
+                    for name, xs in (("clean", x), ("pgd", x_adv)):
+                        res = defense.run(xs, g)
+                        pred = res["probs"].argmax(1)
+                        hits[f"{name}_acc"] += int((pred == y).sum())
+                        hits[f"flag_rate_{name}"] += int(res["flagged"].sum())
+                        preds[name].append(pred.numpy())
+                else:
+                    preds["clean"].append(clean_cls.numpy())
+                    preds["pgd"].append(adv_cls.numpy())
+        if defense is None:
+            hits["clean_acc"], hits["pgd_acc"] = hits["clean_acc_classifier"], hits["pgd_acc_classifier"]
+            del hits["flag_rate_clean"], hits["flag_rate_pgd"]
+        out.update({k: v / n for k, v in hits.items()})
+        if defense is not None:
+            out["tau"] = defense.tau
+        y_all = np.concatenate(labels)
+        clean_pred, pgd_pred = np.concatenate(preds["clean"]), np.concatenate(preds["pgd"])
+        out["clean_balanced_acc"] = balanced_accuracy(y_all, clean_pred)
+        out["clean_sensitivity"] = sensitivity(y_all, clean_pred, pos)
+        out["pgd_balanced_acc"] = balanced_accuracy(y_all, pgd_pred)
+    # Clean scans only from here (no attack), each set with its own seeded generator so that the figures
+    # above do not depend on whether these are computed.
+    val = data["val"]
+    if len(val):
+        pred = predict_clean(model, defense, val, torch.Generator().manual_seed(profile.seed + 7919 * data.site + 1))
+        out["val_acc"] = float((pred == val.labels).mean())
+        out["val_balanced_acc"] = balanced_accuracy(val.labels, pred)
+    if data.pooled is not None and len(data.pooled["val"]):
+        pv = data.pooled["val"]
+        pred = predict_clean(model, defense, pv, torch.Generator().manual_seed(profile.seed + 7919 * data.site + 2))
+        out["pooled_val_balanced_acc"] = balanced_accuracy(pv.labels, pred)
+    if pooled and data.pooled is not None and len(data.pooled["test"]):
+        pt = data.pooled["test"]
+        pred = predict_clean(model, defense, pt, torch.Generator().manual_seed(profile.seed + 7919 * data.site + 3))
+        out["pooled_acc"] = float((pred == pt.labels).mean())
+        out["pooled_balanced_acc"] = balanced_accuracy(pt.labels, pred)
+        out["pooled_sensitivity"] = sensitivity(pt.labels, pred, pos)
     out["num-examples"] = n
     return out
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from functools import partial
+
+from timm.layers import GroupNorm
 from torch import nn
 
 from training.config import COMPONENTS, Profile
@@ -14,8 +17,11 @@ def create_model(component: str, profile: Profile) -> nn.Module:
     """The ``component`` (classifier | detector | denoiser) at the sizes of ``profile``."""
     if component == "classifier":
         c = profile.classifier
+        kwargs = dict(c.backbone_kwargs)
+        if c.norm == "group":
+            kwargs["norm_layer"] = partial(GroupNorm, num_groups=c.norm_groups)
         return MixtureOfExperts(
-            c.backbone, c.num_experts, c.num_classes, c.head_hidden, c.gate_hidden, c.drop, c.backbone_kwargs
+            c.backbone, c.num_experts, c.num_classes, c.head_hidden, c.gate_hidden, c.drop, kwargs
         )
     if component == "detector":
         d = profile.detector
