@@ -30,6 +30,7 @@ FED_FLAGS = {  # command-line flag -> FederatedConfig field
     "method": "method", "sites": "sites", "rounds": "rounds", "local_epochs": "local_epochs",
     "defense_rounds": "defense_rounds", "defense_local_epochs": "defense_local_epochs",
     "proximal_mu": "proximal_mu", "adv_fraction": "adv_fraction", "purify_fraction": "purify_fraction", "eval_every": "eval_every", "eval_max": "eval_max",
+    "server_opt": "server_opt", "server_lr": "server_lr", "server_momentum": "server_momentum",
 }
 
 
@@ -106,6 +107,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     f.add_argument("--purify-train", action="store_true", help="medfedpure: purify flagged training scans")
     f.add_argument("--eval-every", type=int, help="evaluate every N rounds")
     f.add_argument("--eval-max", type=int, help="at most N test scans per site in per-round evaluation (0: all)")
+    f.add_argument("--server-opt", choices=cfgmod.SERVER_OPTS, help="how the server applies the averaged update")
+    f.add_argument("--server-lr", type=float, help="server step size of --server-opt")
+    f.add_argument("--server-momentum", type=float, help="server momentum (FedAvgM) or beta_1 (FedAdam, FedYogi)")
     p.set_defaults(func=cmd_deploy_prepare)
     return p
 

@@ -1,0 +1,41 @@
+"""Writes the recipe-search configurations (one TOML per lever set) from the search base."""
+from pathlib import Path
+
+BASE = {"federated": {"eval_every": 1000, "eval_max": 64},
+        "federated.train_attack": {"norm": "linf", "eps": 0.015, "step": 0.006, "steps": 3, "random_start": True}}
+RECIPES = {
+    "la-avgm": {"classifier": {"logit_adjust": 1.0}, "federated": {"server_opt": "fedavgm", "server_momentum": 0.5}},
+    "gn-la-avgm": {"classifier": {"logit_adjust": 1.0, "norm": "group"},
+                   "federated": {"server_opt": "fedavgm", "server_momentum": 0.5}},
+    "la": {"classifier": {"logit_adjust": 1.0}},
+    "avgm": {"federated": {"server_opt": "fedavgm", "server_momentum": 0.5}},
+    "gn": {"classifier": {"norm": "group"}},
+    "la-avgm-bs16": {"classifier": {"logit_adjust": 1.0}, "classifier.optim": {"batch_size": 16},
+                     "federated": {"server_opt": "fedavgm", "server_momentum": 0.5}},
+    "la-avgm-bs8": {"classifier": {"logit_adjust": 1.0}, "classifier.optim": {"batch_size": 8},
+                    "federated": {"server_opt": "fedavgm", "server_momentum": 0.5}},
+    "bs8": {"classifier.optim": {"batch_size": 8}},
+    "la-prox": {"classifier": {"logit_adjust": 1.0}, "federated": {"proximal_mu": 0.01}},
+}
+
+
+def value(v):
+    return ("true" if v else "false") if isinstance(v, bool) else (f'"{v}"' if isinstance(v, str) else repr(v))
+
+
+def render(recipe: dict) -> str:
+    tables: dict[str, dict] = {}
+    for src in (BASE, recipe):
+        for t, kv in src.items():
+            tables.setdefault(t, {}).update(kv)
+    order = sorted(tables, key=lambda t: (t.count("."), t))
+    out = ['profile = "edge"']
+    for t in order:
+        out += ["", f"[{t}]"] + [f"{k} = {value(v)}" for k, v in tables[t].items()]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    here = Path(__file__).parent
+    for name, r in RECIPES.items():
+        (here / f"{name}.toml").write_text(render(r))
