@@ -326,7 +326,8 @@ def test_sites_over_tls_with_registered_supernodes_only(tmp_path):
         for kind in ("train", "eval"):
             nodes = {r["node"] for r in rows if r["kind"] == kind and r["round"] == 1}
             assert nodes == set(node_ids.values()), f"{kind} rows from {nodes}, expected {node_ids}"
-        assert json.loads((run_dir / "server" / "state.json").read_text()) == {"classifier": 1}
+        state = json.loads((run_dir / "server" / "state.json").read_text())
+        assert state["classifier"] == 1 and set(state["phase_seconds"]) == {"classifier"}
         for name, state_dir in sites.items():
             assert (state_dir / "classifier.pt").is_file(), f"{name} kept no classifier in {state_dir}"
     finally:
