@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 from training import config as cfgmod
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rows = collect(args.runs)
     if not rows:
-        print("error: none of these folders holds a finished federated run (summary.json)")
+        print("error: none of these folders holds a finished federated run (summary.json)", file=sys.stderr)
         return 2
     text = render(rows)
     if args.out:

@@ -351,3 +351,19 @@ def test_phases_follow_method_and_score():
     for method in ("fedavg", "local", "fat", "pfeddef"):
         assert C.resolve("tiny", {"federated": {"method": method}, "defense": {"score": "mae"}}).phases == ("classifier",)
     assert C.get_profile("tiny").defense.score != "mae"
+
+
+def test_personalization_variants_weight_the_experts_as_they_claim():
+    from benchmarks.personalization import global_gates, uniform_gates
+
+    p = C.get_profile("tiny")
+    torch.manual_seed(0)
+    a, b = create_model("classifier", p).eval(), create_model("classifier", p).eval()
+    x = torch.rand(3, 1, 32, 32)
+    w = uniform_gates(a).forward_all(x)["gate_weights"]
+    assert torch.allclose(w, torch.full_like(w, 1 / len(a.gates)))
+    assert not torch.allclose(a.forward_all(x)["gate_weights"], w)  # the site's own gates are not uniform
+    g = global_gates(a, [a, b]).state_dict()
+    for k, v in g.items():
+        expect = (a.state_dict()[k] + b.state_dict()[k]) / 2 if k.startswith("gates.") else a.state_dict()[k]
+        assert torch.allclose(v.float(), expect.float()), k
