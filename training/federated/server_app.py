@@ -329,8 +329,9 @@ def write_summary(run_dir: Path, profile: cfgmod.Profile, seconds: float) -> dic
         final[phase] = [r for r in ev if r["round"] == last]
     cls = final.get("classifier", [])
     summary = {
-        "method": fed.method, "profile": profile.name, "sites": fed.sites, "rounds": fed.phase_rounds,
-        "local_epochs": fed.phase_epochs, "partition": fed.partition, "fedbn": fed.fedbn,
+        "method": fed.method, "profile": profile.name, "sites": fed.sites,
+        "rounds": {ph: fed.phase_rounds[ph] for ph in profile.phases},
+        "local_epochs": {ph: fed.phase_epochs[ph] for ph in profile.phases}, "partition": fed.partition, "fedbn": fed.fedbn,
         "eval_attack": cfgmod.to_dict(profile)["federated"]["eval_attack"],
         "mean_clean_acc": _nanmean(cls, "clean_acc"), "mean_pgd_acc": _nanmean(cls, "pgd_acc"),
         # PROTOCOL.md rule 8: beside the scan-weighted mean, figures a label-skewed site cannot flatter
@@ -359,8 +360,8 @@ def write_summary(run_dir: Path, profile: cfgmod.Profile, seconds: float) -> dic
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     plot = convergence_plot([run_dir], run_dir / "convergence.png")
     lines = [f"# Federated run: {fed.method}", "",
-             f"{fed.sites} sites, partition `{fed.partition}`, profile `{profile.name}`, rounds {fed.phase_rounds}, "
-             f"local epochs {fed.phase_epochs}; PGD for evaluation: {profile.federated.eval_attack.describe()}", "",
+             f"{fed.sites} sites, partition `{fed.partition}`, profile `{profile.name}`, rounds {summary['rounds']}, "
+             f"local epochs {summary['local_epochs']}; PGD for evaluation: {profile.federated.eval_attack.describe()}", "",
              f"Mean over sites (weighted by test scans): clean accuracy **{summary['mean_clean_acc']:.4f}**, "
              f"PGD accuracy **{summary['mean_pgd_acc']:.4f}**", "",
              f"Clinical figures (PROTOCOL.md rule 8): balanced accuracy {summary['mean_balanced_acc']:.4f}, "

@@ -4,6 +4,7 @@ from pathlib import Path
 BASE = {"federated": {"eval_every": 1000, "eval_max": 64},
         "federated.train_attack": {"norm": "linf", "eps": 0.015, "step": 0.006, "steps": 3, "random_start": True}}
 RECIPES = {
+    "defaults": {},
     "la-avgm": {"classifier": {"logit_adjust": 1.0}, "federated": {"server_opt": "fedavgm", "server_momentum": 0.5}},
     "gn-la-avgm": {"classifier": {"logit_adjust": 1.0, "norm": "group"},
                    "federated": {"server_opt": "fedavgm", "server_momentum": 0.5}},
@@ -13,6 +14,10 @@ RECIPES = {
     "la-avgm-bs16": {"classifier": {"logit_adjust": 1.0}, "classifier.optim": {"batch_size": 16},
                      "federated": {"server_opt": "fedavgm", "server_momentum": 0.5}},
     "la-avgm-bs8": {"classifier": {"logit_adjust": 1.0}, "classifier.optim": {"batch_size": 8},
+                    "federated": {"server_opt": "fedavgm", "server_momentum": 0.5}},
+    "la-avgm9-bs8": {"classifier": {"logit_adjust": 1.0}, "classifier.optim": {"batch_size": 8},
+                     "federated": {"server_opt": "fedavgm", "server_momentum": 0.9}},
+    "la-avgm-bs4": {"classifier": {"logit_adjust": 1.0}, "classifier.optim": {"batch_size": 4},
                     "federated": {"server_opt": "fedavgm", "server_momentum": 0.5}},
     "bs8": {"classifier.optim": {"batch_size": 8}},
     "la-prox": {"classifier": {"logit_adjust": 1.0}, "federated": {"proximal_mu": 0.01}},
