@@ -2,7 +2,7 @@
 
 Synthetic brain-MRI phantoms from four scanner profiles -> four simulated
 hospitals, one scanner profile each (feature skew) -> federated training of
-the denoiser, the detector and the personalized mixture of experts on Flower
+the denoiser and the personalized mixture of experts on Flower (the detection score is the noise floor)
 -> per-site clean and PGD accuracy through the whole defense, a convergence
 plot and a summary. A few minutes on a 2-core CPU.
 """
