@@ -67,8 +67,17 @@ def collect(runs: list[Path]) -> list[dict]:
     return sorted(rows, key=rank)
 
 
-def _pct(v) -> str:
+def pct(v) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
+
+
+def emit(out: Path | None, text: str, data) -> None:
+    """Print ``text``; with ``out``, also write it to ``OUT.md`` and ``data`` to ``OUT.json``."""
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".md").write_text(text)
+        out.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    print(text)
 
 
 def render(rows: list[dict]) -> str:
@@ -77,7 +86,7 @@ def render(rows: list[dict]) -> str:
              "|---|---|---|" + "---:|" * (len(KEYS) + 1)]
     for r in rows:
         lines.append(f"| `{Path(r['run']).name}` | {r['method']} | {r['recipe'] or 'profile defaults'} | "
-                     + " | ".join(_pct(r[k]) for k, _ in KEYS) + f" | {r['minutes']:.1f} |")
+                     + " | ".join(pct(r[k]) for k, _ in KEYS) + f" | {r['minutes']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -90,12 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print("error: none of these folders holds a finished federated run (summary.json)", file=sys.stderr)
         return 2
-    text = render(rows)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".md").write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    print(text)
+    emit(args.out, render(rows), rows)
     return 0
 
 

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks.federated_search import emit, pct
 from training.engine import predict
 from training.metrics import balanced_accuracy
 
@@ -91,10 +90,6 @@ def ablate(run: str | Path, source: str | None = None) -> dict:
     return {"run": str(run), "method": profile.federated.method, "sites": rows, "mean": mean}
 
 
-def _pct(v: float) -> str:
-    return "n/a" if v is None or math.isnan(v) else f"{100 * v:.2f}"
-
-
 def render(res: dict) -> str:
     lines = [f"# Personalization ablation: `{res['run']}` ({res['method']})", "",
              "Classifier alone on clean scans; per site, its own test scans (accuracy, balanced accuracy) and the "
@@ -103,11 +98,11 @@ def render(res: dict) -> str:
              "| site | test scans | " + " | ".join(f"{v}: acc / bal. / pooled bal." for v in VARIANTS) + " |",
              "|---:|---:|" + "---:|" * len(VARIANTS)]
     for r in res["sites"] + [{"site": "mean", "test_scans": sum(x["test_scans"] for x in res["sites"]), **res["mean"]}]:
-        cells = [f"{_pct(r[v]['test_acc'])} / {_pct(r[v]['test_balanced'])} / {_pct(r[v]['pooled_test_balanced'])}"
+        cells = [f"{pct(r[v]['test_acc'])} / {pct(r[v]['test_balanced'])} / {pct(r[v]['pooled_test_balanced'])}"
                  for v in VARIANTS]
         lines.append(f"| {r['site']} | {r['test_scans']} | " + " | ".join(cells) + " |")
     lines += ["", "Validation (balanced accuracy, own / pooled): "
-              + "; ".join(f"{v} {_pct(res['mean'][v]['val_balanced'])} / {_pct(res['mean'][v]['pooled_val_balanced'])}"
+              + "; ".join(f"{v} {pct(res['mean'][v]['val_balanced'])} / {pct(res['mean'][v]['pooled_val_balanced'])}"
                           for v in VARIANTS)]
     return "\n".join(lines) + "\n"
 
@@ -123,12 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    text = render(res)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".md").write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    print(text)
+    emit(args.out, render(res), res)
     return 0
 
 

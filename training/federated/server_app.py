@@ -35,7 +35,7 @@ from training import config as cfgmod
 from training.checkpoint import save_checkpoint
 from training.federated import task
 from training.federated.privacy import PrivacyLedger
-from training.federated.strategies import RootSet, make_strategy
+from training.federated.strategies import RootSet, ServerOptimizer, make_strategy
 
 ROUND_TIMEOUT = 24 * 3600.0
 
@@ -50,9 +50,6 @@ class RunState:
     def done(self, phase: str) -> int:
         return int(self.data.get(phase, 0))
 
-    def seconds(self, phase: str) -> float:
-        return float(self.data.get("phase_seconds", {}).get(phase, 0.0))
-
     def mark(self, phase: str, rnd: int, seconds: float = 0.0) -> None:
         """Round ``rnd`` of ``phase`` is finished; ``seconds`` of training time are added to the phase's total."""
         self.data[phase] = rnd
@@ -64,17 +61,11 @@ class RunState:
         os.replace(tmp, self.file)
 
 
-def _save_arrays(path: Path, arrays: ArrayRecord) -> None:
+def _save(path: Path, obj) -> None:
+    """``torch.save`` through a temporary file, so a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save(arrays.to_torch_state_dict(), tmp)
-    os.replace(tmp, path)
-
-
-def _save_state(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+    torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
@@ -122,15 +113,12 @@ def _site_key(m: Message) -> tuple[int, int]:
     return (site if site >= 0 else int(m.metadata.src_node_id), int(m.metadata.src_node_id))
 
 
-def _nanmean(rows: list[dict], key: str) -> float:
-    vals = [r[key] for r in rows if key in r and isinstance(r[key], (int, float)) and not math.isnan(r[key])]
-    w = [r.get("num-examples", 1) for r in rows if key in r and isinstance(r[key], (int, float)) and not math.isnan(r[key])]
-    return float(np.average(vals, weights=w)) if vals and sum(w) > 0 else float("nan")
-
-
-def _unweighted(rows: list[dict], key: str) -> list[dict]:
-    """``rows`` reduced to ``key``, so that :func:`_nanmean` weighs every site 1 (figures on the same scans)."""
-    return [{key: r[key]} for r in rows if key in r]
+def _nanmean(rows: list[dict], key: str, weighted: bool = True) -> float:
+    """Mean of ``key`` over ``rows`` (NaN left out), weighted by each row's scans; ``weighted=False``: one row, one
+    vote (figures every site measured on the same scans)."""
+    ok = [r for r in rows if key in r and isinstance(r[key], (int, float)) and not math.isnan(r[key])]
+    w = [r.get("num-examples", 1) if weighted else 1 for r in ok]
+    return float(np.average([r[key] for r in ok], weights=w)) if ok and sum(w) > 0 else float("nan")
 
 
 def _nanmin(rows: list[dict], key: str) -> float:
@@ -185,7 +173,7 @@ def run_server(grid: Grid, run_dir: str | Path, profile: cfgmod.Profile, data_so
         strategy = make_strategy(phase, profile, grid_sites=fed.sites, root=root,
                                  buffers=[k for k in shared if k not in params])
         opt_file = run_dir / "server" / f"{phase}-opt.pt"
-        if done and hasattr(strategy, "load_state") and opt_file.exists():
+        if done and isinstance(strategy, ServerOptimizer) and opt_file.exists():
             strategy.load_state(torch.load(opt_file, map_location="cpu", weights_only=True))
         ledger = None
         if phase == "classifier" and fed.dp_sigma > 0:
@@ -240,9 +228,9 @@ def run_server(grid: Grid, run_dir: str | Path, profile: cfgmod.Profile, data_so
             else:
                 log(f"[{phase}] round {rnd}/{rounds}: " + _round_line(phase, train_rows, []) + f" ({time.perf_counter() - t0:.0f} s)")
             _append_rows(run_dir, rows)
-            _save_arrays(run_dir / "server" / f"{phase}.pt", arrays)
-            if hasattr(strategy, "state"):
-                _save_state(opt_file, strategy.state())
+            _save(run_dir / "server" / f"{phase}.pt", arrays.to_torch_state_dict())
+            if isinstance(strategy, ServerOptimizer):
+                _save(opt_file, strategy.state())
             state.mark(phase, rnd, time.perf_counter() - t0)
         globals_[phase] = arrays
         if phase != "classifier":
@@ -338,11 +326,11 @@ def write_summary(run_dir: Path, profile: cfgmod.Profile, seconds: float) -> dic
         "mean_balanced_acc": _nanmean(cls, "clean_balanced_acc"), "mean_sensitivity": _nanmean(cls, "clean_sensitivity"),
         "min_site_clean_acc": _nanmin(cls, "clean_acc"),
         # every site is measured on the same pooled scans: one site, one vote (weight 1)
-        "mean_pooled_balanced_acc": _nanmean(_unweighted(cls, "pooled_balanced_acc"), "pooled_balanced_acc"),
+        "mean_pooled_balanced_acc": _nanmean(cls, "pooled_balanced_acc", weighted=False),
         "min_pooled_balanced_acc": _nanmin(cls, "pooled_balanced_acc"),
         # for choosing recipes on validation scans (rule 10)
         "mean_val_balanced_acc": _nanmean(cls, "val_balanced_acc"),
-        "mean_pooled_val_balanced_acc": _nanmean(_unweighted(cls, "pooled_val_balanced_acc"), "pooled_val_balanced_acc"),
+        "mean_pooled_val_balanced_acc": _nanmean(cls, "pooled_val_balanced_acc", weighted=False),
         "per_site": [{k: r.get(k) for k in ("site", "num-examples", "clean_acc", "pgd_acc", "clean_acc_classifier",
                                             "pgd_acc_classifier", "flag_rate_clean", "flag_rate_pgd", "tau",
                                             *task.CLINICAL_KEYS) if k in r}

@@ -211,29 +211,33 @@ class ServerOptimizer:
         out = ArrayRecord({k: (plain[k] if k in self.buffers
                                else Array(stepped[k].numpy().astype(plain[k].numpy().dtype, copy=False)))
                            for k in stepped.keys()})
-        if isinstance(self, FedAvgM):  # FedAvgM steps from the arrays it returned last; keep them identical
-            self.current_arrays = out
         return out, metrics
 
     def state(self) -> dict:
-        if isinstance(self, FedAvgM):
-            mv = self.momentum_vector
-            return {"momentum": None if mv is None else [torch.from_numpy(np.array(v)) for v in mv]}
+        """FedAdam's / FedYogi's first and second moments (None before the first round)."""
         return {k: None if getattr(self, k) is None else {n: torch.from_numpy(np.array(v)) for n, v in getattr(self, k).items()}
                 for k in ("m_t", "v_t")}
 
     def load_state(self, state: dict) -> None:
-        if isinstance(self, FedAvgM):
-            mv = state.get("momentum")
-            self.momentum_vector = None if mv is None else [v.numpy() for v in mv]
-            return
         for k in ("m_t", "v_t"):
             v = state.get(k)
             setattr(self, k, None if v is None else {n: a.numpy() for n, a in v.items()})
 
 
 class ServerAvgM(ServerOptimizer, FedAvgM):
-    pass
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        out, metrics = super().aggregate_train(server_round, replies)
+        if out is not None:  # FedAvgM steps from the arrays it returned last; keep them identical
+            self.current_arrays = out
+        return out, metrics
+
+    def state(self) -> dict:
+        mv = self.momentum_vector
+        return {"momentum": None if mv is None else [torch.from_numpy(np.array(v)) for v in mv]}
+
+    def load_state(self, state: dict) -> None:
+        mv = state.get("momentum")
+        self.momentum_vector = None if mv is None else [v.numpy() for v in mv]
 
 
 class ServerAdam(ServerOptimizer, FedAdam):
@@ -248,10 +252,9 @@ def make_server_optimizer(fed: cfgmod.FederatedConfig, buffers: Iterable[str], *
     """Flower's server optimizer ``fed.server_opt`` (fedavgm | fedadam | fedyogi), parameters only."""
     if fed.server_opt == "fedavgm":
         strategy = ServerAvgM(server_learning_rate=fed.server_lr, server_momentum=fed.server_momentum, **kwargs)
-    elif fed.server_opt == "fedadam":
-        strategy = ServerAdam(eta=fed.server_lr, beta_1=fed.server_momentum, beta_2=0.99, tau=1e-3, **kwargs)
-    elif fed.server_opt == "fedyogi":
-        strategy = ServerYogi(eta=fed.server_lr, beta_1=fed.server_momentum, beta_2=0.99, tau=1e-3, **kwargs)
+    elif fed.server_opt in ("fedadam", "fedyogi"):
+        adaptive = ServerAdam if fed.server_opt == "fedadam" else ServerYogi
+        strategy = adaptive(eta=fed.server_lr, beta_1=fed.server_momentum, beta_2=0.99, tau=1e-3, **kwargs)
     else:
         raise ValueError(f"no server optimizer for {fed.server_opt!r}")
     strategy.buffers = frozenset(buffers)
