@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,12 @@ def _profile(args) -> cfgmod.Profile:
     if getattr(args, "config", None):
         return cfgmod.load_toml(args.config, profile=args.profile)
     return cfgmod.get_profile(args.profile)
+
+
+def _no_cache(args) -> None:
+    """``--no-cache``: the loads inside the command (and the simulation's worker processes) skip the cache."""
+    if getattr(args, "no_cache", False):
+        os.environ["MEDFEDPURE_NO_CACHE"] = "1"
 
 
 FED_FLAGS = {  # command-line flag -> FederatedConfig field
@@ -37,7 +44,8 @@ def cmd_train(args) -> int:
     profile = _profile(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_dataset(args.data, profile.preprocess, seed=profile.seed, skip_bad=args.skip_bad, progress=not args.quiet)
+    data = load_dataset(args.data, profile.preprocess, seed=profile.seed, skip_bad=args.skip_bad,
+                        cache=not args.no_cache, progress=not args.quiet)
     print(data.summary())
     cfg_file = out / "config.toml"
     text = cfgmod.dump_toml(profile)
@@ -58,6 +66,7 @@ def cmd_federated(args) -> int:
     from training.data.partition import parse_scheme
     from training.federated.run import run_federated
 
+    _no_cache(args)
     profile = _profile(args)
     fed = {field: getattr(args, flag) for flag, field in FED_FLAGS.items() if getattr(args, flag) is not None}
     for flag in ("fedbn", "purify_train", "feature_skew"):
@@ -86,6 +95,7 @@ def cmd_synth(args) -> int:
 def cmd_report(args) -> int:
     from training.report import write_report
 
+    _no_cache(args)
     md = write_report(args.run, args.data, out_dir=args.out, progress=not args.quiet, quick=args.quick)
     print(f"report written: {md}")
     return 0
@@ -94,6 +104,7 @@ def cmd_report(args) -> int:
 def cmd_finetune(args) -> int:
     from training.finetune import finetune_classifier
 
+    _no_cache(args)
     attack = cfgmod.AttackConfig(eps=args.attack_eps, step=args.attack_step, steps=args.attack_steps)
     res = finetune_classifier(args.run, args.out, epochs=args.epochs, lr_scale=args.lr_scale,
                               adv_fraction=args.adv_fraction, purify_fraction=args.purify_fraction, attack=attack,
@@ -108,6 +119,7 @@ def cmd_evaluate(args) -> int:
     from training.attacks.adaptive import AdaptiveConfig
     from training.evaluate import THREATS, evaluate_run
 
+    _no_cache(args)
     threats = THREATS if args.threat == "all" else (args.threat,)
     defense = cfgmod.defense_overrides(args.defense)
     adaptive = AdaptiveConfig(
@@ -170,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-resume", action="store_true", help="start over even if the run folder has a checkpoint")
     t.add_argument("--skip-bad", action="store_true", help="skip unreadable images (they are listed) instead of stopping")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.add_argument("--no-cache", action="store_true", help="do not read or write the preprocessed-scan cache (~/.cache/medfedpure)")
     f = t.add_argument_group("federated training (any of these flags, with --method, runs a Flower simulation)")
     f.add_argument("--method", choices=cfgmod.METHODS, help="federated method; leave out for centralised training")
     f.add_argument("--sites", type=int, help="number of simulated sites")
@@ -225,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data", help="data source (default: the one the run was trained on)")
     r.add_argument("--out", help="report folder (default RUN/report)")
     r.add_argument("--quick", action="store_true", help="fewer scans for the costly purification figures")
+    r.add_argument("--no-cache", action="store_true", help="do not read or write the preprocessed-scan cache (~/.cache/medfedpure)")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=cmd_report)
 
@@ -240,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--attack-step", type=float, default=0.006)
     ft.add_argument("--attack-steps", type=int, default=3)
     ft.add_argument("--defense", action="append", metavar="KEY=VALUE", help="defense settings (t* range, steps) to train for")
+    ft.add_argument("--no-cache", action="store_true", help="do not read or write the preprocessed-scan cache (~/.cache/medfedpure)")
     ft.add_argument("--quiet", action="store_true")
     ft.set_defaults(func=cmd_finetune)
 
@@ -259,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="textured: the adaptive attacker leaves the flattest pixels alone (evades the noise-floor score)")
     e.add_argument("--flat-fraction", type=float, default=0.2, help="pixels left alone with --adaptive-support textured")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--no-cache", action="store_true", help="do not read or write the preprocessed-scan cache (~/.cache/medfedpure)")
     e.add_argument("--sweep", action="store_true", help="also sweep flag rate x purification steps (robustness vs. compute)")
     e.add_argument("--sweep-only", action="store_true", help="only the sweep")
     e.add_argument("--sweep-max", type=int, default=64, help="test scans per site in the sweep")

@@ -8,9 +8,14 @@ Sources:
   made by seed (70/10/20), or read from ``split.csv`` when one is present;
 * ``synth[:N]``: the embedded default, synthetic phantoms made in memory.
 
-Preprocessed arrays are cached on disk (keyed by the file list, their split
-and the preprocessing settings) because decoding and cropping 3,000 JPEGs
-takes a minute on a small machine.
+Preprocessed arrays are cached on disk because decoding and cropping 3,000
+JPEGs takes a minute on a small machine. An entry is keyed by the SHA-256 of
+every source file's bytes (hashing 3,000 JPEGs takes about a second), the
+records (path, label, group, split), the class names, the preprocessing
+settings and code, and the cache format, so a file changed in place is read
+again whatever its size and time stamp. The folder (``~/.cache/medfedpure``,
+``MEDFEDPURE_CACHE`` moves it) is private to the user (mode 0700, files
+0600); ``cache=False`` or ``MEDFEDPURE_NO_CACHE=1`` neither reads nor writes it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,10 @@ import csv
 import hashlib
 import json
 import os
+import stat
+import sys
+import tempfile
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -133,8 +142,108 @@ def read_class_folders(root: Path, seed: int = 0, fractions=(0.7, 0.1, 0.2)) -> 
 # --------------------------------------------------------------------------- loading
 
 
+CACHE_FORMAT = 2  # bump when the key or the stored arrays change
+
+
 def _cache_dir() -> Path:
     return Path(os.environ.get("MEDFEDPURE_CACHE", Path.home() / ".cache" / "medfedpure"))
+
+
+def cache_disabled() -> bool:
+    """True when ``MEDFEDPURE_NO_CACHE`` is set to anything but ``""``, ``0``, ``false`` or ``no``."""
+    return os.environ.get("MEDFEDPURE_NO_CACHE", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _private_cache_dir() -> Path | None:
+    """The cache folder, created with mode 0700 (an existing one is tightened, its ``*.npz`` entries made 0600).
+
+    None, with a warning, when it cannot be made private: not ours, or not a folder.
+    """
+    path = _cache_dir()
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.stat()
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError(f"{path} is not a folder")
+        if hasattr(os, "getuid") and st.st_uid != os.getuid():
+            raise PermissionError(f"{path} belongs to another user")
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            os.chmod(path, 0o700)
+            for entry in os.scandir(path):
+                if (entry.name.endswith(".npz") and entry.is_file(follow_symlinks=False)
+                        and stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode) & 0o077):
+                    os.chmod(entry.path, 0o600)
+    except OSError as err:
+        print(f"warning: preprocessing cache off ({err})", file=sys.stderr)
+        return None
+    return path
+
+
+def _file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes; a marker naming the error for a file that cannot be read."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    except OSError as err:
+        return f"unreadable:{err.errno}"
+    return h.hexdigest()
+
+
+def content_hashes(root: Path, records: list[Record]) -> list[str]:
+    """SHA-256 of every record's file, in the records' order (hashlib releases the GIL, so threads scale)."""
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(_file_sha256, [root / r.path for r in records]))
+
+
+def cache_key(records: list[Record], hashes: list[str], class_names: list[str], cfg: PreprocessConfig,
+              skip_bad: bool) -> str:
+    """Hex SHA-256 over everything the cached arrays depend on (see the module's docstring)."""
+    h = hashlib.sha256()
+    head = {"format": CACHE_FORMAT, "class_names": list(class_names), "preprocess": asdict(cfg), "skip_bad": bool(skip_bad)}
+    h.update(json.dumps(head, sort_keys=True).encode() + b"\n")
+    for m in (runtime.imageio, runtime.preprocess):
+        h.update(hashlib.sha256(Path(m.__file__).read_bytes()).digest())
+    for r, digest in zip(records, hashes, strict=True):
+        h.update(json.dumps([r.path, r.label, r.group, r.split, digest]).encode() + b"\n")
+    return h.hexdigest()
+
+
+def _cache_read(path: Path, key: str, n: int, size: int):
+    """(images, sizes, ok, skipped) of an entry written for ``key`` with ``n`` scans, or None."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["key"]) != key:
+                return None
+            images, sizes, ok, skipped = z["images"], z["sizes"], z["ok"], z["skipped"].tolist()
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        print(f"warning: ignoring unreadable cache entry {path} ({err})", file=sys.stderr)
+        return None
+    if images.shape != (n, size, size) or sizes.shape != (n, 2) or ok.shape != (n,):
+        return None
+    return images, sizes, ok, [tuple(s.split("\t", 1)) for s in skipped]
+
+
+def _cache_write(path: Path, key: str, images, sizes, ok, skipped) -> None:
+    """Write an entry atomically: a 0600 temporary file (mkstemp) in the same folder, then os.replace."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, key=np.array(key), images=images, sizes=sizes, ok=ok,
+                     skipped=np.array([f"{p}\t{r}" for p, r in skipped], dtype=str))
+        os.replace(tmp, path)
+    except BaseException as err:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if not isinstance(err, OSError):
+            raise
+        print(f"warning: preprocessed scans not cached ({err})", file=sys.stderr)
 
 
 def _read_one(root: Path, rel: str, cfg: PreprocessConfig):
@@ -152,7 +261,11 @@ def load_folder(
     cache: bool = True,
     progress: bool = True,
 ) -> Dataset:
-    """Read and preprocess a Br35H-style or class-per-folder data set."""
+    """Read and preprocess a Br35H-style or class-per-folder data set.
+
+    ``cache``: look the preprocessed arrays up in (and add them to) the on-disk cache, unless
+    ``MEDFEDPURE_NO_CACHE`` is set; see the module's docstring for what an entry is keyed by.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder {root} does not exist")
@@ -161,14 +274,14 @@ def load_folder(
     else:
         records, class_names = read_class_folders(root, seed)
     digest = split_digest(records)
-    code = b"".join(Path(m.__file__).read_bytes() for m in (runtime.imageio, runtime.preprocess))
-    key = hashlib.sha256(digest.encode() + json.dumps(asdict(cfg), sort_keys=True).encode() + code + str(skip_bad).encode())
-    key = key.hexdigest()[:24]
-    cache_file = _cache_dir() / f"{root.name}-{key}.npz"
-    if cache and cache_file.exists():
-        z = np.load(cache_file, allow_pickle=False)
-        images, sizes, ok = z["images"], z["sizes"], z["ok"]
-        skipped = [tuple(s.split("\t", 1)) for s in z["skipped"].tolist()]
+    cache_dir = _private_cache_dir() if cache and not cache_disabled() else None
+    hit = None
+    if cache_dir is not None:
+        key = cache_key(records, content_hashes(root, records), class_names, cfg, skip_bad)
+        cache_file = cache_dir / f"{root.name}-{key[:32]}.npz"
+        hit = _cache_read(cache_file, key, len(records), cfg.size)
+    if hit is not None:
+        images, sizes, ok, skipped = hit
     else:
         images = np.zeros((len(records), cfg.size, cfg.size), np.float32)
         sizes = np.zeros((len(records), 2), np.int64)
@@ -189,11 +302,9 @@ def load_folder(
                     skipped.append((records[i].path, err.reason))
                     continue
                 images[i], sizes[i] = img, shape[:2]
-        if cache:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(".tmp.npz")
-            np.savez(tmp, images=images, sizes=sizes, ok=ok, skipped=np.array([f"{p}\t{r}" for p, r in skipped], dtype=str))
-            os.replace(tmp, cache_file)
+        # stored only if no file changed while it was read, so an entry holds the pixels of the bytes in its key
+        if cache_dir is not None and cache_key(records, content_hashes(root, records), class_names, cfg, skip_bad) == key:
+            _cache_write(cache_file, key, images, sizes, ok, skipped)
     if skipped and progress:
         print(f"skipped {len(skipped)} unreadable file(s):")
         for p, reason in skipped:
@@ -232,9 +343,10 @@ def load_synthetic(n: int, cfg: PreprocessConfig, seed: int = 0, profiles=("A", 
     return Dataset(f"synth-{n}", ["no", "yes"], splits, split_digest(records))
 
 
-def load_dataset(source: str, cfg: PreprocessConfig, *, seed: int = 0, skip_bad: bool = False, progress: bool = True) -> Dataset:
-    """``synth`` / ``synth:N`` or a folder path."""
+def load_dataset(source: str, cfg: PreprocessConfig, *, seed: int = 0, skip_bad: bool = False, cache: bool = True,
+                 progress: bool = True) -> Dataset:
+    """``synth`` / ``synth:N`` (never cached) or a folder path; ``cache=False``: no preprocessing cache."""
     if source == "synth" or source.startswith("synth:"):
         n = int(source.split(":", 1)[1]) if ":" in source else 600
         return load_synthetic(n, cfg, seed)
-    return load_folder(source, cfg, seed=seed, skip_bad=skip_bad, progress=progress)
+    return load_folder(source, cfg, seed=seed, skip_bad=skip_bad, cache=cache, progress=progress)
