@@ -10,7 +10,10 @@ The bundle is what a hospital installs next to its scanner (DESIGN.md):
     denoiser.int8.onnx                                    convolutions int8, calibrated on validation scans
                                                           (``export.quantize``; left out if its parity check fails)
     classifier.pt2, ...                                   the same graphs for the torch engine (torch.export)
+    ood.onnx, ood.pt2                                     the out-of-distribution score (``training.ood``),
+                                                          fp32 at every precision
     manifest.json                                         see :func:`build_manifest`
+    manifest.sig                                          Ed25519 signature of manifest.json (``runtime.signing``)
 
 Parity is checked here, on the site's own test scans, before the bundle is
 written: ONNX Runtime (CPU) against PyTorch. fp32: probabilities within
@@ -41,9 +44,10 @@ from training import config as cfgmod
 from training.checkpoint import code_revision
 from training.diffusion import GaussianDiffusion, to_diffusion_space
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 OPSET = 17
-TOLERANCES = {"probs_abs": 1e-4, "score_rel": 1e-3, "eps_abs": 1e-4, "probs_abs_fp16": 1e-2}
+TOLERANCES = {"probs_abs": 1e-4, "score_rel": 1e-3, "eps_abs": 1e-4, "probs_abs_fp16": 1e-2, "ood_rel": 1e-3}
+OOD_REFUSAL_RATE = 0.01
 
 
 def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], opset: int) -> None:
@@ -131,8 +135,16 @@ def check_parity(graphs: dict, files: dict[str, Path], images: np.ndarray, n_eps
             "prediction_flips": int((p.argmax(1) != p_ref.argmax(1)).sum()),
         }
         res[prec] = r
+    if "ood" in graphs:
+        with torch.no_grad():
+            o_ref = _batched(lambda a: graphs["ood"](torch.from_numpy(a)).numpy(), x)
+        so = _session(files["ood.fp32"])
+        o = _batched(lambda a, s=so: s.run(None, {"image": a})[0], x)
+        res["ood"] = {"score_max_rel": float((np.abs(o - o_ref) / np.maximum(np.abs(o_ref), 1e-6)).max())}
     f32, f16 = res["fp32"], res["fp16"]
     problems = []
+    if "ood" in res and res["ood"]["score_max_rel"] > TOLERANCES["ood_rel"]:
+        problems.append(f"out-of-distribution scores differ by {res['ood']['score_max_rel']:.2e} (relative)")
     if f32["probs_max_abs"] > TOLERANCES["probs_abs"]:
         problems.append(f"fp32 probabilities differ by {f32['probs_max_abs']:.2e} > {TOLERANCES['probs_abs']}")
     if f32["score_max_rel"] > TOLERANCES["score_rel"]:
@@ -152,7 +164,7 @@ def check_parity(graphs: dict, files: dict[str, Path], images: np.ndarray, n_eps
 
 def build_manifest(*, profile: cfgmod.Profile, site: int, run: Path, class_names: list[str], tau: float,
                    n_val: int, files: dict[str, Path], split_digest: str, metrics: dict, parity: dict,
-                   opset: int) -> dict:
+                   opset: int, ood: dict) -> dict:
     d, den = profile.defense, profile.denoiser
     return {
         "schema_version": SCHEMA_VERSION,
@@ -176,11 +188,13 @@ def build_manifest(*, profile: cfgmod.Profile, site: int, run: Path, class_names
             "steps": d.steps, "sampler": "ddim eta=0 on a respacing from t*" if d.steps else "ddpm ancestral, every step",
             "space": "x in [0, 1] -> 2x - 1; the denoiser predicts epsilon of x_t at integer timestep t (given as float)",
         },
+        "ood": ood,
         "files": {name: {"sha256": sha256(path), "bytes": path.stat().st_size} for name, path in sorted(files.items())},
         "graphs": {
             "classifier": {"inputs": {"image": "[N,1,S,S] float32"}, "outputs": {"probs": "[N,C] float32"}},
             "detector": {"inputs": {"image": "[N,1,S,S] float32"}, "outputs": {"score": "[N] float32"}},
             "denoiser": {"inputs": {"x_t": "[N,1,S,S] float32", "t": "[N] float32"}, "outputs": {"eps": "[N,1,S,S] float32"}},
+            "ood": {"inputs": {"image": "[N,1,S,S] float32"}, "outputs": {"score": "[N] float32"}},
             "opset": opset, "precisions": ["fp32", "fp16"] + (["int8"] if "denoiser.int8.onnx" in files else []),
             "int8": "denoiser.int8.onnx (convolutions int8, the rest fp32) beside the fp32 classifier and detector",
         },
@@ -226,9 +240,70 @@ def _export_int8(profile: cfgmod.Profile, s, files: dict[str, Path], tmp: Path, 
     return res
 
 
+def _fit_ood(sites: list, profile: cfgmod.Profile, refusal_rate: float, log) -> tuple[torch.nn.Module, dict]:
+    """The out-of-distribution score graph and its threshold, from the clean scans of ``sites``.
+
+    With several sites (a federated run), each site contributes the sums of
+    its training scans' features (``training.ood.feature_stats``) and its
+    validation scores; no scan is pooled. One site alone (a centralised run,
+    or a site exporting on its own) uses its own.
+    """
+    from training.ood import (
+        add_stats,
+        feature_stats,
+        mahalanobis_from_stats,
+        refusal_threshold,
+        score_images,
+    )
+
+    if not 0.0 < refusal_rate < 0.5:
+        raise ValueError(f"the out-of-distribution refusal rate must be in (0, 0.5), got {refusal_rate}")
+    k = profile.classifier.num_classes
+    model = sites[0].classifier
+    stats = add_stats([feature_stats(s.classifier, s.data["train"].images, s.data["train"].labels, k) for s in sites])
+    graph = mahalanobis_from_stats(model, stats)
+    val_scores = np.concatenate([score_images(graph, s.data["val"].images) for s in sites])
+    threshold = refusal_threshold(val_scores, refusal_rate)
+    scope = "federation" if len(sites) > 1 else "site"
+    n_train = int(stats["n"].sum())
+    log(f"  out-of-distribution score: Mahalanobis on {n_train} training scans ({scope}, {len(sites)} site(s)); "
+        f"threshold {threshold:.4g} refuses {refusal_rate:.0%} of {len(val_scores)} validation scans")
+    return graph, {
+        "file": "ood.onnx", "kind": "mahalanobis", "threshold": threshold,
+        "score": "min over classes of the Mahalanobis distance of the classifier's shared feature psi(x) "
+                 "(class means and a shared covariance of clean training scans)",
+        "calibration": {"split": "val", "scope": scope, "sites": len(sites), "n_scans": int(len(val_scores)),
+                        "refusal_rate": refusal_rate,
+                        "statistic": "quantile 1 - refusal_rate of clean validation scores"},
+        "fit": {"split": "train", "scope": scope, "sites": len(sites), "n_scans": n_train,
+                "statistics": "per-class counts and feature sums, sum of feature outer products (summed over sites)"},
+    }
+
+
+def _shared_features(sites: list) -> bool:
+    """Whether every site computes the same psi (shared experts, no site-local batch norm)."""
+    if len(sites) < 2:
+        return False
+    ref = {k: v for k, v in sites[0].classifier.state_dict().items() if not k.startswith("gates.")}
+    for s in sites[1:]:
+        st = s.classifier.state_dict()
+        if any(not torch.equal(v, st[k]) for k, v in ref.items()):
+            return False
+    return True
+
+
 def export_site(run: str | Path, site: int, out: str | Path, *, opset: int = OPSET, parity_scans: int = 64,
-                force: bool = False, log=print, defense: dict | None = None, int8: bool = True) -> dict:
-    """Export site ``site`` of ``run`` to the bundle folder ``out``; returns the manifest."""
+                force: bool = False, log=print, defense: dict | None = None, int8: bool = True,
+                signing_key: str | Path | None = None, signer: str | None = None,
+                ood_refusal_rate: float = OOD_REFUSAL_RATE, provenance: dict | None = None) -> dict:
+    """Export site ``site`` of ``run`` to the bundle folder ``out``, signed; returns the manifest.
+
+    ``signing_key``: an Ed25519 private key (PEM); by default this machine's
+    (``runtime.signing.default_signing_key``), made on first use.
+    ``provenance``: entries that replace the manifest's provenance (a site
+    exporting from its deployment state names its run and site here).
+    """
+    from runtime import signing
     from training.evaluate import load_sites
 
     run, out = Path(run), Path(out)
@@ -245,9 +320,19 @@ def export_site(run: str | Path, site: int, out: str | Path, *, opset: int = OPS
         raise ValueError(f"{run}: no detector and denoiser for this run (method "
                          f"{profile.federated.method}); only a defended run can be bundled")
     t0 = time.perf_counter()
+    key_path = Path(signing_key) if signing_key else signing.default_signing_key()
+    if not key_path.exists():
+        if signing_key:
+            raise FileNotFoundError(f"{key_path}: no such signing key (make one with `runtime keygen --out {key_path}`)")
+        _, pub = signing.generate_key(key_path)
+        log(f"  made this machine's signing key {key_path}; sites trust its bundles with its public key {pub}")
+    signing.load_private(key_path)  # fail now, not after the export
+    # the experts, hence psi, are the same at every site; a personalized head's site model is checked below
+    ood_graph, ood = _fit_ood(sites if _shared_features(sites) else [s], profile, ood_refusal_rate, log)
     graphs = {"classifier": ClassifierGraph(s.classifier).eval(),
               "detector": detector_graph(s.pipe.detector, profile).eval(),
-              "denoiser": DenoiserGraph(s.pipe.denoiser).eval()}
+              "denoiser": DenoiserGraph(s.pipe.denoiser).eval(),
+              "ood": ood_graph}
     size = profile.image_size
     img = torch.rand(2, 1, size, size)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -269,6 +354,9 @@ def export_site(run: str | Path, site: int, out: str | Path, *, opset: int = OPS
             files[f"{name}.fp32"], files[f"{name}.fp16"] = f32, f16
             files[f"{name}.pt2"] = _torch_export(graphs[name], args, tmp / f"{name}.pt2")
             log(f"  exported {name}: {f32.stat().st_size / 1e6:.1f} MB fp32, {f16.stat().st_size / 1e6:.1f} MB fp16")
+        _export(graphs["ood"], (img,), tmp / "ood.onnx", ["image"], ["score"], opset)
+        files["ood.fp32"] = tmp / "ood.onnx"
+        files["ood.pt2"] = _torch_export(graphs["ood"], (img,), tmp / "ood.pt2")
         test = s.data["test"]
         n = len(test) if parity_scans <= 0 else min(len(test), parity_scans)
         images = test.images[:n][:, None]
@@ -287,8 +375,11 @@ def export_site(run: str | Path, site: int, out: str | Path, *, opset: int = OPS
         named = {p.name: p for p in files.values()}
         manifest = build_manifest(profile=profile, site=site, run=run, class_names=s.data.class_names, tau=s.pipe.tau,
                                   n_val=len(s.data["val"]), files=named, split_digest=s.data.digest, metrics=metrics,
-                                  parity=parity, opset=opset)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+                                  parity=parity, opset=opset, ood=ood)
+        manifest["provenance"].update(provenance or {})
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, allow_nan=False))
+        sig = signing.sign_manifest(tmp, key_path, signer=signer or f"export of {run.name} site {site}", role="export")
+        log(f"  signed with key {sig['key_id']} ({key_path})")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -32,7 +32,7 @@ import numpy as np
 from runtime.preprocess import PreprocessConfig, preprocess
 
 PERCENTILES = (50, 90, 95, 99)
-STAGES = ("preprocess", "detect", "purify", "classify")
+STAGES = ("preprocess", "ood", "detect", "purify", "classify")
 
 
 def percentiles(values, ps=PERCENTILES) -> dict[str, float]:
@@ -191,7 +191,8 @@ def bench_config(pipe, traffic: Traffic, cfg: PreprocessConfig, *, batch: int, a
 def run_bench(bundle_dir: str, traffic_path: str, *, engine: str = "ort", device: str = "cpu",
               precision: str = "fp32", threads: int = 0, batch_sizes=(1, 8, 32), traffics=("clean",),
               modes=("adaptive",), iters: int = 30, seconds: float = 0.0, warmup: int = 3, seed: int = 0,
-              gpu_hour_price: float | None = None, log=print) -> dict:
+              gpu_hour_price: float | None = None, log=print, trusted: list | None = None,
+              allow_unsigned: bool = False) -> dict:
     from runtime.bundle import Bundle
     from runtime.engines import make_engine
     from runtime.pipeline import Pipeline, PurifyConfig
@@ -205,9 +206,9 @@ def run_bench(bundle_dir: str, traffic_path: str, *, engine: str = "ort", device
     traffic = Traffic(traffic_path)
     rss0 = rss_mb()
     t0 = time.perf_counter()
-    bundle = Bundle.load(bundle_dir)
+    bundle = Bundle.load(bundle_dir, trusted=trusted, allow_unsigned=allow_unsigned)
     eng = make_engine(bundle, engine, device, precision, threads, log=log)
-    pipe = Pipeline(eng, PurifyConfig.from_manifest(bundle.manifest))
+    pipe = Pipeline(eng, PurifyConfig.from_manifest(bundle.manifest), bundle.ood_threshold)
     load_s = time.perf_counter() - t0
     rss_loaded = rss_mb()
     cfg = bundle.preprocess_config
@@ -303,7 +304,7 @@ def _svg_lines(series: list[tuple[str, list[float], list[float]]], xlabel: str, 
 
 
 def _svg_stage_bars(configs: list[dict], w=620) -> str:
-    colors = {"preprocess": "#8c564b", "detect": "#1f77b4", "purify": "#d62728", "classify": "#2ca02c"}
+    colors = {"preprocess": "#8c564b", "ood": "#9467bd", "detect": "#1f77b4", "purify": "#d62728", "classify": "#2ca02c"}
     rows = [(f"{c['traffic']} {c['mode']} b{c['batch_size']}", [c["stage_ms"][s]["mean"] / c["batch_size"] for s in STAGES])
             for c in configs]
     top = max((sum(v) for _, v in rows), default=1.0) or 1.0

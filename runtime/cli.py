@@ -6,18 +6,31 @@ Commands:
   preprocess -> detect -> purify the flagged scans -> classify. One record
   per input: file and its sha256, prediction and its probability, all
   probabilities, detection score, flag, t*, purification steps, per-stage
-  milliseconds (detect / purify / classify are the scan's share of its
-  batch), the noise seed, engine, provider and precision, and an error
-  (null when it succeeded). A file that cannot be read gets its error in its
-  record and the others go on. Exit 0: every input succeeded; 3: some failed
-  (the rest are written); 2: usage error (no bundle, nothing to read, ...).
-- ``runtime info --bundle DIR``: verify a bundle and print what it holds.
+  milliseconds (ood / detect / purify / classify are the scan's share of its
+  batch), the out-of-distribution score and whether the scan was refused
+  (a refused scan gets no diagnosis), the noise seed (derived from the scan's
+  content and the site secret, so the same scan gets the same answer in any
+  batch), engine, provider and precision, the bundle's signature, and an
+  error (null when it succeeded). Every input named, directly or through a
+  folder, gets one record; a file that cannot be read gets its error in its
+  record and the others go on. Exit 0: every input succeeded (diagnosed or
+  refused); 3: some failed (the rest are written); 2: usage or bundle error
+  (no bundle, an unsigned or tampered bundle, nothing to read, ...).
+- ``runtime info --bundle DIR``: verify a bundle and print what it holds and who signed it.
+- ``runtime keygen --out KEY``: an Ed25519 key pair for signing (``runtime calibrate``).
 - ``runtime bench --bundle DIR --data TRAFFIC.npz --batch-sizes 1,8,32 --traffic clean,attacked --out DIR``:
   latency percentiles, per-stage time, throughput, flag rate, first-run
   cost, memory and the machine (``runtime/bench.py``).
 - ``runtime calibrate --bundle DIR --clean DIR --flag-rate 0.05 --out NEW``:
   tau from a site's own clean scans, written into a copy of the bundle with a
-  new manifest (the files and their sha256 are unchanged).
+  new manifest (the files and their sha256 are unchanged), signed with the
+  site's key (``--signing-key``); the manifest records the previous tau and signer.
+
+Every command that reads a bundle verifies its signature against the keys
+this machine trusts (``--trusted-key FILE`` or ``$MEDFEDPURE_HOME/trusted-keys``,
+see ``runtime.signing``); ``--allow-unsigned`` runs an unsigned bundle or one
+by an untrusted key, and every result record then says so. Errors are one
+line on stderr, never a traceback.
 - ``runtime preprocess INPUT... --out DIR``: the shared preprocessing
   (crop to the head, pad to square, resize, [0, 1]) applied to image files or
   folders, written as 8-bit PNG plus ``index.csv`` (source, original size,
@@ -28,48 +41,48 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from runtime.imageio import ImageReadError, list_images, read_image
-from runtime.preprocess import PreprocessConfig, preprocess
-
-GLOB_CHARS = "*?["
+from runtime.imageio import ImageReadError, read_image
+from runtime.preprocess import PreprocessConfig, implausible, preprocess
 
 
 def _inputs(paths: list[str]) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Files to read, and (path, reason) for inputs that name nothing readable.
+    """Files to read, and (path, reason) for every named input that will not be read (``runtime.inputs``).
 
-    An input is a file, a folder (searched recursively for supported
-    suffixes) or a glob pattern. A usage error (nothing at all to read) is a
-    ``ValueError``; a missing path among others is reported, not fatal.
+    A usage error (nothing at all to read) is a ``ValueError``.
     """
-    import glob
+    from runtime.inputs import collect
 
-    files: list[Path] = []
-    missing: list[tuple[Path, str]] = []
-    for raw in paths:
-        p = Path(raw)
-        if p.is_dir():
-            found = list_images(p)
-            if not found:
-                missing.append((p, "folder holds no PNG, JPEG, TIFF or DICOM files"))
-            files += found
-        elif p.exists():
-            files.append(p)
-        elif any(c in raw for c in GLOB_CHARS):
-            found = sorted(Path(m) for m in glob.glob(raw, recursive=True) if Path(m).is_file())
-            if not found:
-                missing.append((p, "pattern matches no files"))
-            files += found
-        else:
-            missing.append((p, "no such file or folder"))
+    items = collect(paths)
+    files = [i.path for i in items if i.reason is None]
+    skipped = [(i.path, i.reason) for i in items if i.reason is not None]
     if not files:
-        reasons = "; ".join(f"{m}: {r}" for m, r in missing) or "no inputs"
+        reasons = "; ".join(f"{m}: {r}" for m, r in skipped[:5]) or "no inputs"
         raise ValueError(f"nothing to read ({reasons})")
-    return files, missing
+    return files, skipped
+
+
+def _check_out_file(out: str | None) -> None:
+    """Refuse an ``--out`` that cannot be written before any work is done."""
+    if not out:
+        return
+    p = Path(out)
+    if p.is_dir():
+        raise ValueError(f"--out {out}: is a folder; name a results file (.jsonl or .csv)")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"--out {out}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ValueError(f"--out {out}: not writable")
+
+
+def _trust_args(args) -> dict:
+    return {"trusted": list(args.trusted_key or []), "allow_unsigned": bool(args.allow_unsigned)}
 
 
 def _provider(engine) -> str:
@@ -89,8 +102,12 @@ def cmd_preprocess(args) -> int:
     for m, reason in missing:
         print(f"skipped {m}: {reason}", file=sys.stderr)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     rows, bad = [], 0
+    rows += [{"source": str(m), "output": "", "height": "", "width": "", "status": f"skipped: {r}"} for m, r in missing]
+    bad += len(missing)
     for i, f in enumerate(files, 1):
         try:
             img = read_image(f)
@@ -103,30 +120,49 @@ def cmd_preprocess(args) -> int:
             rows.append({"source": str(f), "output": "", "height": "", "width": "", "status": f"skipped: {reason}"})
             print(f"skipped {f}: {reason}", file=sys.stderr)
             continue
-        name = f"{i:06d}_{f.stem}.png"
-        cv2.imwrite(str(out / name), np.round(x * 255.0).astype(np.uint8))
+        name = f"{i:06d}_{f.stem[:100]}.png"
+        ok, png = cv2.imencode(".png", np.round(x * 255.0).astype(np.uint8))
+        _atomic_write(out / name, png.tobytes())
         rows.append({"source": str(f), "output": name, "height": img.shape[0], "width": img.shape[1], "status": "ok"})
         if not args.quiet and (i % 100 == 0 or i == len(files)):
             print(f"  {i}/{len(files)} files", file=sys.stderr)
-    with open(out / "index.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["source", "output", "height", "width", "status"])
-        w.writeheader()
-        w.writerows(rows)
+    import io
+
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=["source", "output", "height", "width", "status"])
+    w.writeheader()
+    w.writerows(rows)
+    _atomic_write(out / "index.csv", buf.getvalue().encode())
     print(f"wrote {len(rows) - bad} preprocessed scans ({cfg.size} px) to {out}" + (f"; skipped {bad}" if bad else ""))
     return 0
 
 
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
 class _Writer:
-    """One record per scan to stdout, a JSON-lines file or a CSV file (by the suffix of ``--out``)."""
+    """One record per scan to stdout, a JSON-lines file or a CSV file (by the suffix of ``--out``).
+
+    A results file is written as ``.NAME.partial`` beside it and renamed
+    into place when the run ends; an interrupted run leaves the partial
+    file, with every record written so far.
+    """
 
     def __init__(self, out: str | None, class_names: list[str]):
         self.csv = bool(out) and out.lower().endswith(".csv")
-        self.fh = open(out, "w", newline="") if out else sys.stdout
+        self.out = Path(out) if out else None
+        self.partial = self.out.with_name(f".{self.out.name}.partial") if self.out else None
+        self.fh = open(self.partial, "w", newline="") if self.out else sys.stdout
         self.owned = bool(out)
         if self.csv:
             self.fields = (["file", "sha256", "prediction", "probability"] + [f"prob_{c}" for c in class_names]
-                           + ["score", "flagged", "t_star", "purification_steps", "ms_preprocess", "ms_detect",
-                              "ms_purify", "ms_classify", "seed", "engine", "provider", "precision", "error"])
+                           + ["refused", "ood_score", "score", "flagged", "t_star", "purification_steps",
+                              "ms_preprocess", "ms_ood", "ms_detect", "ms_purify", "ms_classify", "seed", "engine",
+                              "provider", "precision", "bundle_signature", "error"])
             self.writer = csv.DictWriter(self.fh, fieldnames=self.fields)
             self.writer.writeheader()
 
@@ -146,9 +182,13 @@ class _Writer:
     def flush(self) -> None:
         self.fh.flush()
 
-    def close(self) -> None:
+    def close(self, complete: bool = True) -> None:
         if self.owned:
             self.fh.close()
+            if complete:
+                os.replace(self.partial, self.out)
+            else:
+                print(f"stopped early: the records written so far are in {self.partial}", file=sys.stderr)
 
 
 def _file_sha256(path: Path) -> str | None:
@@ -160,83 +200,135 @@ def _file_sha256(path: Path) -> str | None:
         return None
 
 
+def _secret_path(args) -> Path:
+    if args.secret:
+        return Path(args.secret)
+    return Path(str(Path(args.bundle)).rstrip("/\\") + ".secret")
+
+
 def cmd_infer(args) -> int:
     import json
     import time
 
     from runtime.bundle import Bundle
     from runtime.engines import make_engine
-    from runtime.pipeline import Pipeline, PurifyConfig
+    from runtime.inputs import NOT_AN_IMAGE
+    from runtime.pipeline import Pipeline, PurifyConfig, load_site_secret, scan_seed
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.seed is not None and args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    _check_out_file(args.out)
     files, missing = _inputs(args.inputs)
     t_load = time.perf_counter()
-    bundle = Bundle.load(args.bundle)
+    bundle = Bundle.load(args.bundle, **_trust_args(args))
+    if bundle.signature.status != "verified":
+        print(f"warning: bundle {bundle.path} is {bundle.signature.describe()}", file=sys.stderr)
+    secret = None
+    if args.seed is None:
+        sp = _secret_path(args)
+        made = not sp.exists()
+        secret = load_site_secret(sp)
+        if made:
+            print(f"made the site secret {sp} (keep it; it makes every scan's noise unpredictable from outside)",
+                  file=sys.stderr)
     m = bundle.manifest
     engine = make_engine(bundle, args.engine, args.device, args.precision, args.threads, log=lambda s: print(s, file=sys.stderr))
-    pipe = Pipeline(engine, PurifyConfig.from_manifest(m))
+    pipe = Pipeline(engine, PurifyConfig.from_manifest(m), bundle.ood_threshold)
     t_load = time.perf_counter() - t_load
     cfg = bundle.preprocess_config
     names = bundle.class_names
     provider = _provider(engine)
     steps = pipe.cfg.steps
-    base = {"engine": args.engine, "provider": provider, "precision": args.precision}
+    base = {"engine": args.engine, "provider": provider, "precision": args.precision,
+            "bundle_signature": bundle.signature.record()}
     out = _Writer(args.out, names)
-    done = bad = flagged = 0
+    done = bad = flagged = refused = refused_pre = 0
     total = len(files) + len(missing)
     show = not args.quiet and total > 1
     last_shown = time.perf_counter()
+    complete = False
+    skipped = 0
     try:
         for f, reason in missing:
-            out.write({"file": str(f), "sha256": None, "error": reason, **base})
-            bad += 1
+            # a file found in a folder that is not an image is skipped (recorded, not a failure)
+            not_image = reason == NOT_AN_IMAGE
+            out.write({"file": str(f), "sha256": None, "skipped": not_image, "error": reason, **base})
+            skipped += not_image
+            bad += not not_image
         for start in range(0, len(files), args.batch_size):
             chunk, xs, pre_ms, shas = [], [], [], []
             for f in files[start : start + args.batch_size]:
                 t0 = time.perf_counter()
+                sha = _file_sha256(f)
                 try:
-                    x = preprocess(read_image(f), cfg)
+                    img = read_image(f)
+                    why = implausible(img, cfg)
+                    x = None if why else preprocess(img, cfg)
                 except (ImageReadError, ValueError, MemoryError, OSError) as err:
                     bad += 1
                     reason = err.reason if isinstance(err, ImageReadError) else (str(err) or type(err).__name__)
-                    out.write({"file": str(f), "sha256": _file_sha256(f), "error": reason, **base})
+                    out.write({"file": str(f), "sha256": sha, "error": reason, **base})
+                    continue
+                if why:  # not a head slice at all: refused before any model sees it
+                    refused_pre += 1
+                    out.write({"file": str(f), "sha256": sha, "prediction": None, "probability": None,
+                               "probabilities": None, "refused": True, "refusal": f"{why}; no diagnosis",
+                               "ood_score": None, **base, "error": None})
+                    continue
+                if sha is None:
+                    bad += 1
+                    out.write({"file": str(f), "sha256": None, "error": "cannot read file to hash it", **base})
                     continue
                 pre_ms.append(1000.0 * (time.perf_counter() - t0))
                 xs.append(x)
                 chunk.append(f)
-                shas.append(_file_sha256(f))
+                shas.append(sha)
             if xs:
-                seed = args.seed + start
-                res = pipe.run(np.stack(xs)[:, None], seed=seed)
+                seeds = np.array([args.seed if secret is None else scan_seed(secret, h) for h in shas], np.int64)
+                res = pipe.run(np.stack(xs)[:, None], seed=seeds)
                 n, n_flag = len(chunk), int(res["flagged"].sum())
                 tm = res["timings"]
                 for i, f in enumerate(chunk):
                     k = int(res["probs"][i].argmax())
                     is_flagged = bool(res["flagged"][i])
+                    is_refused = bool(res["refused"][i])
                     t_star = int(res["t_star"][i])
-                    out.write({
-                        "file": str(f), "sha256": shas[i], "prediction": names[k],
-                        "probability": round(float(res["probs"][i][k]), 6),
-                        "probabilities": {c: round(float(p), 6) for c, p in zip(names, res["probs"][i])},
+                    rec = {"file": str(f), "sha256": shas[i]}
+                    if is_refused:
+                        rec |= {"prediction": None, "probability": None, "probabilities": None, "refused": True,
+                                "refusal": f"not like the scans this site's model was trained on (out-of-distribution "
+                                           f"score {float(res['ood'][i]):.4g} > {bundle.ood_threshold:.4g}); no diagnosis"}
+                    else:
+                        rec |= {"prediction": names[k], "probability": round(float(res["probs"][i][k]), 6),
+                                "probabilities": {c: round(float(p), 6) for c, p in zip(names, res["probs"][i])},
+                                "refused": False}
+                    rec |= {
+                        "ood_score": float(res["ood"][i]),
                         "score": float(res["scores"][i]), "flagged": is_flagged, "t_star": t_star,
                         "purification_steps": (steps or t_star) if is_flagged else 0,
-                        "ms": {"preprocess": round(pre_ms[i], 3), "detect": round(1000.0 * tm["detect"] / n, 3),
+                        "ms": {"preprocess": round(pre_ms[i], 3), "ood": round(1000.0 * tm["ood"] / n, 3),
+                               "detect": round(1000.0 * tm["detect"] / n, 3),
                                "purify": round(1000.0 * tm["purify"] / n_flag, 3) if is_flagged else 0.0,
                                "classify": round(1000.0 * tm["classify"] / n, 3)},
-                        "seed": seed, **base, "error": None,
-                    })
+                        "seed": int(res["seeds"][i]), "seed_source": "--seed" if secret is None else "content+secret",
+                        **base, "error": None,
+                    }
+                    out.write(rec)
                 done += n
                 flagged += n_flag
+                refused += int(res["refused"].sum())
             out.flush()
             if show and (time.perf_counter() - last_shown > 2.0 or start + args.batch_size >= len(files)):
                 last_shown = time.perf_counter()
-                print(f"  {done + bad}/{total} inputs ({bad} failed)", file=sys.stderr)
+                print(f"  {done + bad + skipped + refused_pre}/{total} inputs ({bad} failed)", file=sys.stderr)
+        complete = True
     finally:
-        out.close()
-    print(f"{done} scans classified ({flagged} flagged and purified){f', {bad} failed' if bad else ''}; "
-          f"engine {json.dumps(engine.describe())}; load {t_load:.1f} s" + (f"; results in {args.out}" if args.out else ""),
-          file=sys.stderr)
+        out.close(complete)
+    print(f"{done - refused} scans classified ({flagged} flagged and purified), {refused + refused_pre} refused as not like the "
+          f"site's scans{f', {bad} failed' if bad else ''}{f', {skipped} non-image files skipped' if skipped else ''}; engine {json.dumps(engine.describe())}; load {t_load:.1f} s"
+          + (f"; results in {args.out}" if args.out else ""), file=sys.stderr)
     return 3 if bad else 0
 
 
@@ -245,19 +337,26 @@ def cmd_info(args) -> int:
 
     from runtime.bundle import Bundle
 
-    bundle = Bundle.load(args.bundle)  # verifies every sha256
+    bundle = Bundle.load(args.bundle, **_trust_args(args))  # checks the signature and every sha256
     m = bundle.manifest
-    d, pur = m["detector"], m["purification"]
-    prov = m.get("provenance", {})
+    d, pur, o = m["detector"], m["purification"], m["ood"]
+    prov = m.get("provenance", {}) if isinstance(m.get("provenance"), dict) else {}
     metrics = prov.get("metrics", {})
+    prev = d["calibration"].get("previous") or {}
     lines = [
         f"bundle {bundle.path}: verified (schema {m['schema_version']}, {len(m['files'])} files, every sha256 matches)",
+        f"  signature     {bundle.signature.describe()}",
         f"  created       {m.get('created', '?')}",
         f"  classes       {', '.join(bundle.class_names)}",
         f"  input         {m['input']['shape']} float32 in [0, 1]; preprocessing {json.dumps(m['preprocessing'])}",
         f"  detector      {d.get('score', '?')}",
         f"  tau           {d['tau']:.6g} ({d['calibration'].get('flag_rate')} clean flag rate on "
-        f"{d['calibration'].get('n_scans')} {d['calibration'].get('split')} scans)",
+        f"{d['calibration'].get('n_scans')} {d['calibration'].get('split')} scans)"
+        + (f"; recalibrated from tau {prev.get('tau'):.6g} (signed by key {prev.get('signed_by', '?')})"
+           if isinstance(prev.get("tau"), (int, float)) else ""),
+        f"  refusal       out-of-distribution score ({o.get('kind', '?')}) above {o['threshold']:.6g}: no diagnosis "
+        f"({o.get('calibration', {}).get('refusal_rate')} of {o.get('calibration', {}).get('n_scans')} clean "
+        f"{o.get('calibration', {}).get('split')} scans refused)",
         f"  purification  t* {pur['t_star']['t_min']}..{pur['t_star']['t_max']}, "
         f"{pur['steps'] or 'every'} step(s), {pur.get('sampler', '')}",
         f"  provenance    run {prov.get('run', '?')}, site {prov.get('site', '?')}, code {prov.get('code_revision', '?')}, "
@@ -281,12 +380,25 @@ def cmd_calibrate(args) -> int:
 
     if not 0.0 < args.flag_rate < 1.0:
         raise ValueError(f"--flag-rate must be in (0, 1), got {args.flag_rate}")
-    bundle = Bundle.load(args.bundle)
+    from runtime import signing
+    from runtime.bundle import MAX_SCORE
+
+    bundle = Bundle.load(args.bundle, **_trust_args(args))
     out = Path(args.out)
     if out.resolve() == bundle.path.resolve():
         raise ValueError("--out must be a new folder; the original bundle is kept as it is")
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} exists and is not empty; choose a new --out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists and is not an empty folder; choose a new --out")
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: folder {out.parent} does not exist or is not writable")
+    key_path = Path(args.signing_key) if args.signing_key else signing.default_signing_key()
+    if not key_path.exists():
+        if args.signing_key:
+            raise ValueError(f"--signing-key {key_path}: no such key (make one with `runtime keygen --out {key_path}`)")
+        _, pub = signing.generate_key(key_path)
+        print(f"made this site's signing key {key_path} (public key {pub})", file=sys.stderr)
+    site_key = signing.load_private(key_path)
+    site_pub = signing.load_public(key_path)
     files, missing = _inputs(args.clean)
     for f, reason in missing:
         print(f"skipped {f}: {reason}", file=sys.stderr)
@@ -298,7 +410,7 @@ def cmd_calibrate(args) -> int:
         for f in files[start : start + args.batch_size]:
             try:
                 xs.append(preprocess(read_image(f), cfg))
-            except (ImageReadError, ValueError) as err:
+            except (ImageReadError, ValueError, OSError) as err:
                 skipped += 1
                 print(f"skipped {f}: {err.reason if isinstance(err, ImageReadError) else err}", file=sys.stderr)
         if xs:
@@ -310,6 +422,9 @@ def cmd_calibrate(args) -> int:
         raise ValueError(f"only {len(s)} readable clean scans; at least {args.min_scans} are needed to set tau "
                          f"at a {args.flag_rate:g} flag rate")
     tau = float(np.quantile(s.astype(np.float64), 1.0 - args.flag_rate))
+    if not np.isfinite(tau) or not 0.0 <= tau <= MAX_SCORE:
+        raise ValueError(f"the clean scans give tau {tau!r}, outside [0, {MAX_SCORE}]: are they scans of this kind?")
+    del site_key
     m = json.loads(json.dumps(bundle.manifest))
     old = m["detector"]
     m["detector"] = {**old, "tau": tau, "calibration": {
@@ -317,14 +432,44 @@ def cmd_calibrate(args) -> int:
         "n_scans": int(len(s)), "source": str(Path(args.clean[0]) if len(args.clean) == 1 else args.clean),
         "statistic": "quantile 1 - flag_rate of clean scores", "engine": args.engine,
         "calibrated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "previous": {"tau": old["tau"], "calibration": old.get("calibration")}}}
-    out.mkdir(parents=True, exist_ok=True)
-    for name in m["files"]:
-        shutil.copy2(bundle.path / name, out / name)
-    (out / "manifest.json").write_text(json.dumps(m, indent=1))
-    Bundle.load(out)  # the copy verifies against its manifest
+        "previous": {"tau": old["tau"], "calibration": old.get("calibration"),
+                     "signed_by": bundle.signature.key_id, "signer": bundle.signature.signer}}}
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        tmp.mkdir()
+        for name in m["files"]:  # plain names inside the bundle: Bundle.load checked every one
+            shutil.copyfile(bundle.path / name, tmp / name)
+        (tmp / "manifest.json").write_text(json.dumps(m, indent=1, allow_nan=False))
+        sig = signing.sign_manifest(tmp, key_path, signer=args.signer or f"site calibration ({out.name})",
+                                    role="site calibration")
+        trusted = {signing.key_id(site_pub): (site_pub, str(key_path))}
+        signing.verify_manifest(tmp, (tmp / "manifest.json").read_bytes(), trusted=trusted)
+        Bundle.load(tmp, allow_unsigned=True)  # the copy verifies against its manifest
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     print(f"tau {tau:.6g} (was {old['tau']:.6g}) from {len(s)} clean scans at a {args.flag_rate:g} flag rate"
-          f"{f'; {skipped} unreadable skipped' if skipped else ''}; new bundle {out}")
+          f"{f'; {skipped} unreadable skipped' if skipped else ''}; new bundle {out}, signed with key {sig['key_id']} "
+          f"({key_path}; a scanner trusts it with --trusted-key {key_path.with_suffix('.pub')})")
+    return 0
+
+
+def cmd_keygen(args) -> int:
+    from runtime import signing
+
+    key, pub = signing.generate_key(args.out)
+    raw = signing.load_public(pub)
+    line = f"wrote {key} (private, 0600) and {pub} (public); key id {signing.key_id(raw)}"
+    if args.trust:
+        d = signing.trusted_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        dst = d / f"{signing.key_id(raw)}.pub"
+        dst.write_bytes(pub.read_bytes())
+        line += f"; trusted on this machine ({dst})"
+    print(line)
     return 0
 
 
@@ -332,7 +477,7 @@ def cmd_bench(args) -> int:
     from runtime.bench import run_bench, write_reports
 
     sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
-    r = run_bench(args.bundle, args.data, engine=args.engine, device=args.device, precision=args.precision,
+    r = run_bench(args.bundle, args.data, **_trust_args(args), engine=args.engine, device=args.device, precision=args.precision,
                   threads=args.threads, batch_sizes=sizes, traffics=[t for t in args.traffic.split(",") if t],
                   modes=[m for m in args.mode.split(",") if m], iters=args.iters, seconds=args.seconds,
                   warmup=args.warmup, seed=args.seed, gpu_hour_price=args.gpu_hour_price,
@@ -345,6 +490,14 @@ def cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="runtime", description="MedFedPure at the scanner (no torch needed).")
     sub = p.add_subparsers(dest="command", required=True)
+
+    def trust(parser) -> None:
+        parser.add_argument("--trusted-key", action="append", metavar="PUB",
+                            help="public key (PEM) whose signed bundles are accepted, besides "
+                                 "$MEDFEDPURE_HOME/trusted-keys/*.pub (repeatable)")
+        parser.add_argument("--allow-unsigned", action="store_true",
+                            help="run a bundle that is unsigned or signed by an untrusted key; every record says so")
+
     pp = sub.add_parser("preprocess", help="apply the shared preprocessing to images; write PNGs and index.csv")
     pp.add_argument("inputs", nargs="+", help="image files (PNG, JPEG, TIFF, DICOM) or folders")
     pp.add_argument("--out", required=True)
@@ -362,15 +515,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="int8: the int8 denoiser beside the fp32 classifier and detector (--engine ort)")
     inf.add_argument("--threads", type=int, default=0, help="CPU threads for ONNX Runtime (0: its default)")
     inf.add_argument("--batch-size", type=int, default=8)
-    inf.add_argument("--seed", type=int, default=0, help="purification noise seed (recorded with each result)")
+    inf.add_argument("--seed", type=int, default=None,
+                     help="use this purification noise seed for every scan (to reproduce a recorded result); "
+                          "by default each scan's seed is derived from its content and the site secret")
+    inf.add_argument("--secret", help="the site secret file (default: BUNDLE.secret beside the bundle folder; "
+                                      "made on first use, 0600)")
     inf.add_argument("--out", help="results file: .jsonl (JSON lines) or .csv (default: JSON lines on stdout)")
     inf.add_argument("--skip-bad", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
     inf.add_argument("--quiet", action="store_true")
+    trust(inf)
     inf.set_defaults(func=cmd_infer)
 
-    info = sub.add_parser("info", help="verify a bundle and print what it holds")
+    info = sub.add_parser("info", help="verify a bundle and print what it holds and who signed it")
     info.add_argument("--bundle", required=True)
+    trust(info)
     info.set_defaults(func=cmd_info)
+
+    kg = sub.add_parser("keygen", help="make an Ed25519 key pair for signing bundles (runtime calibrate)")
+    kg.add_argument("--out", required=True, help="private key file to write (its public key: same name, .pub)")
+    kg.add_argument("--trust", action="store_true", help="also trust the public key on this machine")
+    kg.set_defaults(func=cmd_keygen)
 
     b = sub.add_parser("bench", help="latency, throughput and the cost of safety; writes JSON, markdown and HTML")
     b.add_argument("--bundle", required=True)
@@ -392,6 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--gpu-hour-price", type=float, help="price of one machine hour: adds cost per 10,000 scans")
     b.add_argument("--out", required=True, help="report folder")
     b.add_argument("--quiet", action="store_true")
+    trust(b)
     b.set_defaults(func=cmd_bench)
 
     cal = sub.add_parser("calibrate", help="re-derive tau from a site's own clean scans; writes a new bundle")
@@ -404,17 +569,40 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--threads", type=int, default=0)
     cal.add_argument("--batch-size", type=int, default=16)
     cal.add_argument("--min-scans", type=int, default=20, help="fewest clean scans accepted")
+    cal.add_argument("--signing-key", help="the site's Ed25519 private key that signs the new bundle "
+                                          "(default: $MEDFEDPURE_HOME/signing/ed25519.key, made on first use)")
+    cal.add_argument("--signer", help="name recorded as the signer")
     cal.add_argument("--quiet", action="store_true")
+    trust(cal)
     cal.set_defaults(func=cmd_calibrate)
     return p
+
+
+def _os_message(err: OSError) -> str:
+    what = err.strerror or type(err).__name__
+    return f"{err.filename}: {what}" if err.filename else what
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ImageReadError, FileNotFoundError, ValueError, RuntimeError) as err:
+    except (ImageReadError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # the reader went away (`runtime info | head`): stop quietly, and keep Python's exit flush from failing too
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0
+    except OSError as err:  # unwritable --out, a full disk, a folder where a file was expected, ...
+        print(f"error: {_os_message(err)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("error: out of memory", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

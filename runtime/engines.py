@@ -1,7 +1,7 @@
 """Engines that run a bundle's three graphs: ONNX Runtime, TensorRT, and PyTorch (the reference).
 
-Every engine exposes ``classify(x)``, ``score(x)``, ``eps(x_t, t)`` on float32
-numpy arrays and ``describe()`` (what actually runs: providers, precision,
+Every engine exposes ``classify(x)``, ``score(x)``, ``eps(x_t, t)`` and
+``ood(x)`` (the out-of-distribution score) on float32 numpy arrays and ``describe()`` (what actually runs: providers, precision,
 device). The torch engine is in ``runtime/torch_engine.py``, the only runtime
 module that imports torch.
 """
@@ -14,7 +14,7 @@ import numpy as np
 
 from runtime.bundle import Bundle
 
-GRAPHS = ("classifier", "detector", "denoiser")
+GRAPHS = ("classifier", "detector", "denoiser", "ood")
 
 
 class EngineError(RuntimeError):
@@ -53,6 +53,10 @@ class OrtEngine:
                                   f"(active: {active}); install onnxruntime-gpu with a matching CUDA, or use --device cpu")
             self.sessions[g] = s
         self.device, self.precision = device, precision
+        out = self.sessions["classifier"].get_outputs()[0].shape
+        if len(out) != 2 or (isinstance(out[1], int) and out[1] != len(bundle.class_names)):
+            raise EngineError(f"{bundle.path}: the classifier outputs {out} but the manifest names "
+                              f"{len(bundle.class_names)} classes {bundle.class_names}")
 
     def classify(self, x: np.ndarray) -> np.ndarray:
         return self.sessions["classifier"].run(None, {"image": x})[0]
@@ -62,6 +66,9 @@ class OrtEngine:
 
     def eps(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
         return self.sessions["denoiser"].run(None, {"x_t": x_t, "t": t})[0]
+
+    def ood(self, x: np.ndarray) -> np.ndarray:
+        return self.sessions["ood"].run(None, {"image": x})[0]
 
     def describe(self) -> dict:
         import onnxruntime as ort
@@ -106,22 +113,23 @@ class TrtEngine:
         self.runtime = trt.Runtime(self.logger)
         self.engines, self.contexts = {}, {}
         for g in GRAPHS:
-            path = bundle.path / f"{g}.{precision}.{self.sm}.trt{self.version}.engine"
+            prec = "fp32" if g == "ood" else precision  # its threshold was set on fp32 scores
+            path = bundle.path / f"{g}.{prec}.{self.sm}.trt{self.version}.engine"
             if not path.exists():
                 if not build:
                     raise EngineError(f"no TensorRT engine {path.name} for this GPU and TensorRT; run without --no-build")
                 log(f"building TensorRT engine {path.name} (once per GPU and TensorRT version) ...")
-                self._build(bundle, g, path)
+                self._build(bundle, g, path, prec)
             engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
             if engine is None:
                 raise EngineError(f"{path}: TensorRT could not deserialize this engine")
             self.engines[g] = engine
             self.contexts[g] = engine.create_execution_context()
 
-    def _build(self, bundle: Bundle, graph: str, out: Path) -> None:
+    def _build(self, bundle: Bundle, graph: str, out: Path, precision: str) -> None:
         trt = self.trt
         builder = trt.Builder(self.logger)
-        strongly_typed = self.precision == "fp16" and self.major >= 11
+        strongly_typed = precision == "fp16" and self.major >= 11
         flags = 0
         if strongly_typed:
             flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
@@ -134,7 +142,7 @@ class TrtEngine:
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise EngineError(f"TensorRT could not parse {onnx_file.name}: {errors}")
         config = builder.create_builder_config()
-        if self.precision == "fp16" and not strongly_typed:
+        if precision == "fp16" and not strongly_typed:
             config.set_flag(trt.BuilderFlag.FP16)
         cache_file = bundle.path / f"timing.{self.sm}.trt{self.version}.cache"
         cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.exists() else b"")
@@ -192,6 +200,9 @@ class TrtEngine:
 
     def eps(self, x_t, t):
         return self._infer("denoiser", {"x_t": x_t, "t": t}, "eps")
+
+    def ood(self, x):
+        return self._infer("ood", {"image": x}, "score")
 
     def describe(self) -> dict:
         return {"engine": "trt", "tensorrt": self.version, "gpu": self.sm, "precision": self.precision}

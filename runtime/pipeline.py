@@ -6,14 +6,23 @@ pipeline does the rest with the bundle's manifest: tau, the score -> t* map,
 the schedule (``runtime.schedule``, the same arithmetic as training) and the
 respaced DDIM reverse process (or every ancestral step when ``steps`` is 0).
 
-Purification noise comes from ``numpy.random.default_rng(seed)``; the seed is
-returned with every result so that a result can be reproduced for an audit.
+Purification noise is drawn per scan: scan i's noise comes from
+``numpy.random.default_rng(seeds[i])`` alone, so a scan's result does not
+depend on the batch it came in or its place in it. At the scanner the seed is
+derived from the scan's content and a site secret (:func:`scan_seed`): the
+same scan always gets the same answer, the record states the seed so that the
+site can reproduce it, and an outsider, who lacks the secret, cannot predict
+the noise.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -42,6 +51,39 @@ class PurifyConfig:
                    d.get("calibration", {}).get("rule", "tau"))
 
 
+SECRET_BYTES = 32
+
+
+def load_site_secret(path: str | Path, create: bool = True) -> bytes:
+    """The site's secret (32 random bytes, a 0600 file); made on first use when ``create``."""
+    path = Path(path)
+    if not path.exists() and create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(os.urandom(SECRET_BYTES))
+        try:
+            os.link(tmp, path)  # never replaces a secret another process made meanwhile
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read the site secret ({err.strerror})") from None
+    if len(data) < 16:
+        raise ValueError(f"{path}: a site secret must hold at least 16 bytes, found {len(data)}")
+    return data
+
+
+def scan_seed(secret: bytes, content_sha256: str, draw: int = 0) -> int:
+    """A 63-bit noise seed from the scan's content hash and the site secret (HMAC-SHA256)."""
+    msg = bytes.fromhex(content_sha256) + draw.to_bytes(4, "big")
+    return int.from_bytes(hmac.new(secret, msg, hashlib.sha256).digest()[:8], "big") >> 1
+
+
 def t_star_of(scores: np.ndarray, cfg: PurifyConfig) -> np.ndarray:
     frac = np.clip((scores - cfg.tau) / max(cfg.tau * (cfg.ref_ratio - 1.0), 1e-12), 0.0, 1.0)
     t = cfg.t_min + frac * (cfg.t_max - cfg.t_min)
@@ -52,16 +94,32 @@ def t_star_of(scores: np.ndarray, cfg: PurifyConfig) -> np.ndarray:
 class Pipeline:
     """The defended classifier of one site on one engine."""
 
-    def __init__(self, engine, cfg: PurifyConfig):
+    def __init__(self, engine, cfg: PurifyConfig, ood_threshold: float | None = None):
         if cfg.rule != "tau":
             raise ValueError(f"the bundle's detector rule is {cfg.rule!r}; only per-scan 'tau' can run at a scanner")
-        self.engine, self.cfg = engine, cfg
+        if ood_threshold is not None and not hasattr(engine, "ood"):
+            raise ValueError("an out-of-distribution threshold needs an engine with an ood graph")
+        self.engine, self.cfg, self.ood_threshold = engine, cfg, ood_threshold
         self.abar = schedule.alpha_bar_by_step(cfg.num_steps, cfg.beta_start, cfg.beta_end)
         self.betas = np.concatenate([[0.0], schedule.linear_betas(cfg.num_steps, cfg.beta_start, cfg.beta_end)])
 
-    def purify(self, x: np.ndarray, t_star: int, rng: np.random.Generator, noise: np.ndarray | None = None) -> np.ndarray:
-        """Noise ``x`` (in [0, 1]) to ``t_star`` and run the reverse process back; returns [0, 1] images."""
-        noise = rng.standard_normal(x.shape).astype(np.float32) if noise is None else noise.astype(np.float32)
+    def purify(self, x: np.ndarray, t_star: int, rng, noise: np.ndarray | None = None) -> np.ndarray:
+        """Noise ``x`` (in [0, 1]) to ``t_star`` and run the reverse process back; returns [0, 1] images.
+
+        ``rng``: one generator for the batch, or a list of one generator per
+        scan (each scan's noise from its own generator only).
+        """
+        if isinstance(rng, (list, tuple)):
+            if len(rng) != len(x):
+                raise ValueError(f"{len(rng)} generators for {len(x)} scans")
+            rngs = list(rng)
+
+            def draw(shape):
+                return np.stack([r.standard_normal(shape[1:]) for r in rngs]).astype(np.float32)
+        else:
+            def draw(shape):
+                return rng.standard_normal(shape).astype(np.float32)
+        noise = draw(x.shape) if noise is None else noise.astype(np.float32)
         a = self.abar
         h = (np.sqrt(a[t_star]) * (2.0 * x - 1.0) + np.sqrt(1.0 - a[t_star]) * noise).astype(np.float32)
         steps = self.cfg.steps or None
@@ -72,7 +130,7 @@ class Pipeline:
                 eps = self.engine.eps(h, np.full(n, t, np.float32))
                 b = self.betas[t]
                 mean = (h - b / np.sqrt(1.0 - a[t]) * eps) / np.sqrt(1.0 - b)
-                z = rng.standard_normal(x.shape).astype(np.float32) if t > 1 else 0.0
+                z = draw(x.shape) if t > 1 else 0.0
                 h = (mean + np.sqrt(b) * z).astype(np.float32)
         else:
             for t, t_prev in zip(ts, ts[1:] + [0]):
@@ -83,41 +141,58 @@ class Pipeline:
 
     MODES = ("adaptive", "always", "classify")
 
-    def run(self, x: np.ndarray, seed: int = 0, mode: str = "adaptive") -> dict:
-        """``x [N, 1, S, S]`` float32 in [0, 1] -> probabilities, scores, flags, t*, the seed and stage timings.
+    def run(self, x: np.ndarray, seed: int | np.ndarray = 0, mode: str = "adaptive") -> dict:
+        """``x [N, 1, S, S]`` float32 in [0, 1] -> probabilities, scores, flags, t*, seeds, OOD scores, timings.
 
-        ``mode="adaptive"`` is the defense (purify the flagged scans). The two
-        others exist to price it: ``"always"`` purifies every scan (t* from
-        the score, at least ``t_min``) and ``"classify"`` runs the classifier
-        alone (no detection, no purification).
+        ``seed``: one noise seed per scan (``[N]``), or an int ``s`` meaning
+        ``s, s + 1, ...``. ``mode="adaptive"`` is the defense (purify the
+        flagged scans). The two others exist to price it: ``"always"``
+        purifies every scan (t* from the score, at least ``t_min``) and
+        ``"classify"`` runs the classifier alone (no detection, no
+        purification). When the engine has an out-of-distribution graph,
+        ``ood`` holds its scores and ``refused`` the scans above the bundle's
+        threshold (they are still computed; the caller withholds their
+        diagnosis).
         """
         if mode not in self.MODES:
             raise ValueError(f"unknown pipeline mode {mode!r}; choose one of {self.MODES}")
         x = np.ascontiguousarray(x, dtype=np.float32)
-        timings = {"detect": 0.0}
+        n = len(x)
+        seeds = (np.arange(n, dtype=np.int64) + int(seed)) if np.isscalar(seed) else np.asarray(seed, np.int64)
+        if seeds.shape != (n,):
+            raise ValueError(f"{seeds.shape} seeds for {n} scans")
+        timings = {"ood": 0.0, "detect": 0.0, "purify": 0.0, "classify": 0.0}
+        ood = np.zeros(n, np.float32)
+        if self.ood_threshold is not None and mode != "classify":
+            t0 = time.perf_counter()
+            ood = np.asarray(self.engine.ood(x), dtype=np.float32)
+            timings["ood"] = time.perf_counter() - t0
+        refused = ~(ood <= self.ood_threshold) if self.ood_threshold is not None and mode != "classify" \
+            else np.zeros(n, bool)
         if mode == "classify":
             t0 = time.perf_counter()
             probs = np.asarray(self.engine.classify(x), dtype=np.float32)
-            zeros = np.zeros(len(x), np.float32)
+            zeros = np.zeros(n, np.float32)
+            timings["classify"] = time.perf_counter() - t0
             return {"probs": probs, "scores": zeros, "flagged": zeros.astype(bool), "t_star": zeros.astype(np.int64),
-                    "seed": seed, "timings": {"detect": 0.0, "purify": 0.0, "classify": time.perf_counter() - t0}}
+                    "seeds": seeds, "ood": ood, "refused": refused, "timings": timings}
         t0 = time.perf_counter()
         scores = np.asarray(self.engine.score(x), dtype=np.float32)
         timings["detect"] = time.perf_counter() - t0
         flagged = scores > self.cfg.tau
         if mode == "always":
-            flagged = np.ones(len(x), bool)
+            flagged = np.ones(n, bool)
         t_star = np.where(flagged, t_star_of(scores, self.cfg), 0)
         t0 = time.perf_counter()
         x_in = x
         if flagged.any():
-            rng = np.random.default_rng(seed)
             x_in = x.copy()
             for t in np.unique(t_star[flagged]):
                 idx = np.flatnonzero(flagged & (t_star == t))
-                x_in[idx] = self.purify(x[idx], int(t), rng)
+                x_in[idx] = self.purify(x[idx], int(t), [np.random.default_rng(int(seeds[i])) for i in idx])
         timings["purify"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         probs = np.asarray(self.engine.classify(x_in), dtype=np.float32)
         timings["classify"] = time.perf_counter() - t0
-        return {"probs": probs, "scores": scores, "flagged": flagged, "t_star": t_star, "seed": seed, "timings": timings}
+        return {"probs": probs, "scores": scores, "flagged": flagged, "t_star": t_star, "seeds": seeds, "ood": ood,
+                "refused": refused, "timings": timings}

@@ -136,6 +136,26 @@ def head_bbox(img: np.ndarray, threshold: float) -> tuple[int, int, int, int]:
     return refined or box
 
 
+MAX_HEAD_ASPECT = 4.0  # a head slice's box is never this elongated; Br35H's most elongated is far below
+
+
+def implausible(img: np.ndarray, cfg: PreprocessConfig = PreprocessConfig()) -> str | None:
+    """Why a raw (H, W) image in [0, 1] cannot be a head slice, or None when it could be.
+
+    Two checks that need no model: an image of one grey level (a blank
+    frame), and a brightest region far more elongated than a head (a strip,
+    a line of text). What passes still meets the out-of-distribution score.
+    """
+    _check_image(img)
+    if float(img.max()) - float(img.min()) < 1.0 / 255.0:
+        return "blank image (a single grey level)"
+    y0, y1, x0, x1 = head_bbox(img, cfg.threshold)
+    bh, bw = y1 - y0, x1 - x0
+    if max(bh, bw) > MAX_HEAD_ASPECT * max(1, min(bh, bw)):
+        return f"no head-shaped region (the brightest region is {bh}x{bw} pixels)"
+    return None
+
+
 def preprocess(img: np.ndarray, cfg: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
     """(H, W) float image in [0, 1] -> (cfg.size, cfg.size) float32 head crop in [0, 1].
 

@@ -25,13 +25,15 @@ class TorchEngine:
             name = f"{g}.pt2"
             if name not in bundle.manifest["files"]:
                 raise BundleError(f"{bundle.path}: the bundle has no {name} for the torch engine")
-            self.graphs[g] = torch.export.load(str(bundle.path / name)).module().to(self.device, self.dtype)
+            dtype = torch.float32 if g == "ood" else self.dtype  # its threshold was set on fp32 scores
+            self.graphs[g] = torch.export.load(str(bundle.path / name)).module().to(self.device, dtype)
         self.precision = precision
 
     def _run(self, g: str, *arrays: np.ndarray) -> np.ndarray:
         torch = self.torch
+        dtype = torch.float32 if g == "ood" else self.dtype
         with torch.inference_mode():
-            args = [torch.from_numpy(np.ascontiguousarray(a)).to(self.device, self.dtype) for a in arrays]
+            args = [torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dtype) for a in arrays]
             return self.graphs[g](*args).float().cpu().numpy()
 
     def classify(self, x):
@@ -42,6 +44,9 @@ class TorchEngine:
 
     def eps(self, x_t, t):
         return self._run("denoiser", x_t, t)
+
+    def ood(self, x):
+        return self._run("ood", x)
 
     def describe(self) -> dict:
         return {"engine": "torch", "torch": self.torch.__version__, "device": str(self.device), "precision": self.precision}

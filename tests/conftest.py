@@ -1,8 +1,15 @@
 """Shared fixtures: a tiny trained run (all three components, one epoch) and its exported bundle."""
 
+import os
+import tempfile
+
 import pytest
 
 from training import config as C
+
+# Keys (the export's signing key, the runtime's trusted keys) live in a home of the test session's own,
+# never in the user's ~/.config/medfedpure.
+os.environ["MEDFEDPURE_HOME"] = tempfile.mkdtemp(prefix="medfedpure-home-")
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +31,12 @@ def tiny_run(tmp_path_factory):
 def tiny_bundle(tiny_run, tmp_path_factory):
     from export.bundle import export_site
 
+    from runtime import signing
+
     out = tmp_path_factory.mktemp("bundles") / "tiny-site-0"
     export_site(tiny_run, 0, out, log=lambda *_: None)
+    trusted = signing.trusted_dir()  # this machine trusts its own export key, as a site trusts its federation's
+    trusted.mkdir(parents=True, exist_ok=True)
+    pub = signing.default_signing_key().with_suffix(".pub")
+    (trusted / "export.pub").write_bytes(pub.read_bytes())
     return out

@@ -45,7 +45,7 @@ class _SlowFirstPipe:
         self.clock.t += 1.0 if self.calls == 0 else 0.01
         self.calls += 1
         n = len(x)
-        return {"flagged": np.zeros(n, bool), "timings": {"detect": 0.0, "purify": 0.0, "classify": 0.0}}
+        return {"flagged": np.zeros(n, bool), "timings": {"ood": 0.0, "detect": 0.0, "purify": 0.0, "classify": 0.0}}
 
 
 class _Clock:

@@ -1,5 +1,7 @@
 """Real sites on loopback: a SuperLink with TLS and SuperNode authentication, two registered sites,
-one round of the tiny profile started with ``flwr run``, and an unregistered site that is refused.
+one round of each MedFedPure phase of the tiny profile started with ``flwr run``, an unregistered site
+that is refused, and a site that exports its bundle from its own state folder, the run's global models
+and its own scans.
 
 Every process is started in its own session and carries a marker in its
 environment; the ``finally`` block stops the sessions (SIGTERM, then SIGKILL)
@@ -248,7 +250,7 @@ def test_sites_over_tls_with_registered_supernodes_only(tmp_path):
 
         # ----------------------------------------------------------------- start the run at once
         # (the ServerApp waits until the configured number of sites is connected)
-        profile = cfgmod.resolve("tiny", {"federated": {"method": "fedavg", "sites": 2, "rounds": 1,
+        profile = cfgmod.resolve("tiny", {"federated": {"method": "medfedpure", "sites": 2, "rounds": 1,
                                                         "local_epochs": 1, "eval_max": 8}})
         run_dir = prepare_deployment(profile, tmp_path / "run")
         cmd = run_command(run_dir, CONNECTION, app=ROOT, stream=False)
@@ -313,24 +315,157 @@ def test_sites_over_tls_with_registered_supernodes_only(tmp_path):
                     return s
             return None
 
-        how = _wait_for(f"run {run_id} to finish", finished, 240, interval=1, alive=alive, diagnose=run_logs)
+        how = _wait_for(f"run {run_id} to finish", finished, 360, interval=1, alive=alive, diagnose=run_logs)
         final = _wait_for(f"run {run_id} to be reported finished", lambda: (s := status()).startswith("finished") and s,
                           60, interval=2, diagnose=run_logs)
         assert final == "finished:completed", f"{how}, {final}\n{run_logs()}"
 
         # ----------------------------------------------------------------- what the run left behind
         summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["method"] == "fedavg" and summary["sites"] == 2
+        assert summary["method"] == "medfedpure" and summary["sites"] == 2
         assert len(summary["per_site"]) == 2
         rows = [json.loads(line) for line in (run_dir / "metrics" / "rounds.jsonl").read_text().splitlines() if line]
         for kind in ("train", "eval"):
             nodes = {r["node"] for r in rows if r["kind"] == kind and r["round"] == 1}
             assert nodes == set(node_ids.values()), f"{kind} rows from {nodes}, expected {node_ids}"
         state = json.loads((run_dir / "server" / "state.json").read_text())
-        assert state["classifier"] == 1 and set(state["phase_seconds"]) == {"classifier"}
+        assert state["denoiser"] == state["classifier"] == 1
+        assert set(state["phase_seconds"]) == {"denoiser", "classifier"}
         for name, state_dir in sites.items():
             assert (state_dir / "classifier.pt").is_file(), f"{name} kept no classifier in {state_dir}"
     finally:
         killed = procs.stop_all()
         print(f"deployment test: {time.monotonic() - t0:.0f} s; had to kill: {killed or 'nothing'}")
     assert not procs._marked(), "processes of the test are still running"
+
+    # --------------------------------------------------------------------- a site exports its bundle
+    # With what it holds: its state-dir, its scans, the run's global files copied from the SuperLink machine,
+    # and its own signing key (made on first use in its MEDFEDPURE_HOME).
+    from export.deployment import global_files
+
+    site = registered[0].name
+    global_copy = tmp_path / site / "global" / run_dir.name
+    for name in global_files(profile):
+        (global_copy / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run_dir / name, global_copy / name)
+    site_env = procs.env(tmp_path / site / "flwr-home")
+    site_env["MEDFEDPURE_HOME"] = str(tmp_path / site / "medfedpure-home")
+
+    def site_command(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=site_env, cwd=ROOT,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+
+    bundle = tmp_path / site / "bundle"
+    res = site_command("-m", "export", "--site-state", str(sites[site]), "--global", str(global_copy),
+                       "--data-dir", str(tmp_path / site / "scans"), "--out", str(bundle))
+    assert res.returncode == 0, f"the site's export failed:\n{res.stdout}\n{res.stderr}"
+    key = tmp_path / site / "medfedpure-home" / "signing" / "ed25519.pub"
+    res = site_command("-m", "runtime.cli", "info", "--bundle", str(bundle), "--trusted-key", str(key), timeout=120)
+    assert res.returncode == 0 and "signed by" in res.stdout, f"{res.stdout}\n{res.stderr}"
+    _check_site_bundle(bundle, key, sites[site], tmp_path / site / "scans", profile)
+
+    # another site's scans are refused: the bundle is calibrated and checked on the site's own
+    other = registered[1].name
+    res = site_command("-m", "export", "--site-state", str(sites[site]), "--global", str(global_copy),
+                       "--data-dir", str(tmp_path / other / "scans"), "--out", str(tmp_path / site / "other"), timeout=300)
+    assert res.returncode == 2 and "not the scans this site trained on" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / site / "other").exists()
+
+
+def _check_site_bundle(bundle: Path, key: Path, state_dir: Path, data_dir: Path, profile) -> None:
+    """The bundle is complete, signed by the site, made from the site's own split, and classifies the site's scans."""
+    import numpy as np
+    import torch
+
+    from runtime.bundle import Bundle
+    from runtime.engines import OrtEngine
+    from training.data.datasets import load_dataset
+
+    b = Bundle.load(bundle, trusted=[key])
+    assert b.signature.status == "verified", b.signature
+    m = b.manifest
+    names = ("classifier", "detector", "denoiser")
+    assert {f"{n}{ext}" for n in names for ext in (".onnx", ".fp16.onnx", ".pt2")} <= set(m["files"])
+    assert m["parity"]["passed"] and m["class_names"] == ["no", "yes"]
+    assert m["provenance"]["profile"]["federated"]["method"] == "medfedpure"
+    site_ck = torch.load(state_dir / "classifier.pt", map_location="cpu", weights_only=False)
+    assert m["provenance"]["split_digest"] == site_ck["split_digest"]
+    data = load_dataset(str(data_dir), profile.preprocess, seed=profile.seed, cache=False, progress=False)
+    assert m["detector"]["calibration"]["n_scans"] == len(data["val"])
+    x = data["test"].images[:, None].astype(np.float32)
+    probs = OrtEngine(b, threads=1).classify(x)
+    assert probs.shape == (len(x), 2) and np.isfinite(probs).all() and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_a_site_export_names_what_is_missing(tmp_path, capsys):
+    """A state folder or run folder that is missing a part is refused in one line that names it (exit 2)."""
+    import torch
+
+    from export.__main__ import main
+    from training import config as cfgmod
+    from training.checkpoint import save_checkpoint
+    from training.data.phantom import write_dataset
+    from training.federated import task
+    from training.federated.deploy import prepare_deployment
+    from training.models import create_model
+
+    profile = cfgmod.resolve("tiny", {"federated": {"method": "medfedpure", "sites": 2, "rounds": 1}})
+    run = prepare_deployment(profile, tmp_path / "run")
+    model = task.build_model("classifier", profile)
+    local = task.local_keys("classifier", model, profile)
+    state = model.state_dict()
+    (run / "server").mkdir()
+    (run / "server" / "state.json").write_text(json.dumps({"denoiser": 1, "classifier": 1}))
+    torch.save({k: v for k, v in state.items() if k not in local}, run / "server" / "classifier.pt")
+    save_checkpoint(run / "denoiser" / "best.pt", component="denoiser", model=create_model("denoiser", profile).state_dict(),
+                    config=cfgmod.to_dict(profile))
+    site = tmp_path / "state"
+    save_checkpoint(site / "classifier.pt", component="classifier", model=state, epoch=1, split_digest="0" * 64,
+                    config=cfgmod.to_dict(task.classifier_profile(profile)), class_names=["no", "yes"])
+    torch.save({k: v for k, v in state.items() if k in local}, site / "classifier-local-round1.pt")
+    scans = tmp_path / "scans"
+    write_dataset(scans, 12, size=40, seed=3, progress=False)
+
+    def refused(*, state=site, glob=run, data=scans) -> str:
+        code = main(["--site-state", str(state), "--global", str(glob), "--data-dir", str(data),
+                     "--out", str(tmp_path / "bundle")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "bundle").exists()
+        return err
+
+    def without(path: Path, expected: str) -> None:
+        hidden = path.with_name(path.name + ".away")
+        path.rename(hidden)
+        try:
+            assert expected in refused(), expected
+        finally:
+            hidden.rename(path)
+
+    assert "no such site state folder" in refused(state=tmp_path / "nowhere")
+    without(run / "config.toml", "run/config.toml is missing")
+    without(run / "server" / "state.json", "run/server/state.json is missing")
+    without(run / "server" / "classifier.pt", "run/server/classifier.pt is missing")
+    without(run / "denoiser" / "best.pt", "run/denoiser/best.pt is missing")
+    without(site / "classifier.pt", "state/classifier.pt is missing")
+    without(site / "classifier-local-round1.pt", "state/classifier-local-round1.pt is missing")
+    # the run is not over
+    (run / "server" / "state.json").write_text(json.dumps({"denoiser": 1, "classifier": 0}))
+    assert "finished classifier round 0 of 1" in refused()
+    (run / "server" / "state.json").write_text(json.dumps({"denoiser": 1, "classifier": 1}))
+    # the site's gates are not those of its last classifier
+    gates = {k: v + 1 if v.is_floating_point() else v for k, v in state.items() if k in local}
+    torch.save(gates, site / "classifier-local-round1.pt")
+    assert "not from the same run" in refused()
+    torch.save({k: v for k, v in state.items() if k in local}, site / "classifier-local-round1.pt")
+    # scans other than those the site trained on
+    assert "not the scans this site trained on" in refused()
+    # a run without a denoiser
+    fedavg = cfgmod.resolve("tiny", {"federated": {"method": "fedavg", "sites": 2, "rounds": 1}})
+    other = prepare_deployment(fedavg, tmp_path / "fedavg")
+    assert "only a medfedpure run can be bundled" in refused(glob=other)
+    # --site-state needs --global and --data-dir
+    with pytest.raises(SystemExit) as exc:
+        main(["--site-state", str(site), "--out", str(tmp_path / "bundle")])
+    assert exc.value.code == 2

@@ -37,7 +37,10 @@ def test_bundle_is_complete_and_in_parity(tiny_run, tmp_path):
     assert saved["schema_version"] == SCHEMA_VERSION == m["schema_version"]
     names = {"classifier", "detector", "denoiser"}
     assert set(saved["files"]) == ({f"{n}.onnx" for n in names} | {f"{n}.fp16.onnx" for n in names}
-                                   | {f"{n}.pt2" for n in names} | {"denoiser.int8.onnx"})
+                                   | {f"{n}.pt2" for n in names} | {"denoiser.int8.onnx", "ood.onnx", "ood.pt2"})
+    assert (out / "manifest.sig").exists()  # signed; tests/test_trust.py checks what the signature guards
+    assert saved["ood"]["file"] == "ood.onnx" and saved["ood"]["threshold"] > 0
+    assert saved["ood"]["calibration"]["split"] == "val" and saved["parity"]["ood"]["score_max_rel"] < 1e-3
     q = saved["parity"]["int8"]  # the int8 denoiser: calibrated on validation scans, checked against fp32 on test scans
     assert q["passed"] and q["calibration"]["split"] == "val" and "int8" in saved["graphs"]["precisions"]
     assert q["purified_mean_abs_int8_vs_fp32"] <= 0.25 * q["purified_mean_abs_other_noise_vs_fp32"]
