@@ -234,6 +234,9 @@ def cmd_infer(args) -> int:
             print(f"made the site secret {sp} (keep it; it makes every scan's noise unpredictable from outside)",
                   file=sys.stderr)
     m = bundle.manifest
+    draws = args.draws or int(m["purification"].get("draws", 1))
+    if not 1 <= draws <= 16:
+        raise ValueError(f"--draws must be in 1..16, got {draws}")
     engine = make_engine(bundle, args.engine, args.device, args.precision, args.threads, log=lambda s: print(s, file=sys.stderr))
     pipe = Pipeline(engine, PurifyConfig.from_manifest(m), bundle.ood_threshold)
     t_load = time.perf_counter() - t_load
@@ -286,7 +289,8 @@ def cmd_infer(args) -> int:
                 chunk.append(f)
                 shas.append(sha)
             if xs:
-                seeds = np.array([args.seed if secret is None else scan_seed(secret, h) for h in shas], np.int64)
+                seeds = np.array([[args.seed + d if secret is None else scan_seed(secret, h, d) for d in range(draws)]
+                                  for h in shas], np.int64)
                 res = pipe.run(np.stack(xs)[:, None], seed=seeds)
                 n, n_flag = len(chunk), int(res["flagged"].sum())
                 tm = res["timings"]
@@ -308,11 +312,13 @@ def cmd_infer(args) -> int:
                         "ood_score": float(res["ood"][i]),
                         "score": float(res["scores"][i]), "flagged": is_flagged, "t_star": t_star,
                         "purification_steps": (steps or t_star) if is_flagged else 0,
+                        "purification_draws": draws if is_flagged else 0,
                         "ms": {"preprocess": round(pre_ms[i], 3), "ood": round(1000.0 * tm["ood"] / n, 3),
                                "detect": round(1000.0 * tm["detect"] / n, 3),
                                "purify": round(1000.0 * tm["purify"] / n_flag, 3) if is_flagged else 0.0,
                                "classify": round(1000.0 * tm["classify"] / n, 3)},
-                        "seed": int(res["seeds"][i]), "seed_source": "--seed" if secret is None else "content+secret",
+                        "seed": int(seeds[i, 0]), **({"seeds": [int(v) for v in seeds[i]]} if draws > 1 else {}),
+                        "seed_source": "--seed" if secret is None else "content+secret",
                         **base, "error": None,
                     }
                     out.write(rec)
@@ -518,6 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--seed", type=int, default=None,
                      help="use this purification noise seed for every scan (to reproduce a recorded result); "
                           "by default each scan's seed is derived from its content and the site secret")
+    inf.add_argument("--draws", type=int, default=0,
+                     help="purify each flagged scan this many times (each with its own noise) and average the "
+                          "probabilities (default: the bundle's purification.draws, 1); seeds of draw d>0 follow "
+                          "from the same content and secret (with --seed N: N + d)")
     inf.add_argument("--secret", help="the site secret file (default: BUNDLE.secret beside the bundle folder; "
                                       "made on first use, 0600)")
     inf.add_argument("--out", help="results file: .jsonl (JSON lines) or .csv (default: JSON lines on stdout)")

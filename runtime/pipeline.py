@@ -79,7 +79,7 @@ def load_site_secret(path: str | Path, create: bool = True) -> bytes:
 
 
 def scan_seed(secret: bytes, content_sha256: str, draw: int = 0) -> int:
-    """A 63-bit noise seed from the scan's content hash and the site secret (HMAC-SHA256)."""
+    """A 63-bit noise seed from the scan's content hash and the site secret (HMAC-SHA256); ``draw``: which draw."""
     msg = bytes.fromhex(content_sha256) + draw.to_bytes(4, "big")
     return int.from_bytes(hmac.new(secret, msg, hashlib.sha256).digest()[:8], "big") >> 1
 
@@ -145,7 +145,9 @@ class Pipeline:
         """``x [N, 1, S, S]`` float32 in [0, 1] -> probabilities, scores, flags, t*, seeds, OOD scores, timings.
 
         ``seed``: one noise seed per scan (``[N]``), or an int ``s`` meaning
-        ``s, s + 1, ...``. ``mode="adaptive"`` is the defense (purify the
+        ``s, s + 1, ...``; ``[N, D]`` purifies each flagged scan ``D`` times
+        (draw ``d`` with seed ``[i, d]``) and averages the ``D``
+        probabilities, which makes the answer depend less on the noise. ``mode="adaptive"`` is the defense (purify the
         flagged scans). The two others exist to price it: ``"always"``
         purifies every scan (t* from the score, at least ``t_min``) and
         ``"classify"`` runs the classifier alone (no detection, no
@@ -159,8 +161,11 @@ class Pipeline:
         x = np.ascontiguousarray(x, dtype=np.float32)
         n = len(x)
         seeds = (np.arange(n, dtype=np.int64) + int(seed)) if np.isscalar(seed) else np.asarray(seed, np.int64)
-        if seeds.shape != (n,):
+        if seeds.ndim == 1:
+            seeds = seeds[:, None]
+        if seeds.ndim != 2 or seeds.shape[0] != n or seeds.shape[1] < 1:
             raise ValueError(f"{seeds.shape} seeds for {n} scans")
+        draws = seeds.shape[1]
         timings = {"ood": 0.0, "detect": 0.0, "purify": 0.0, "classify": 0.0}
         ood = np.zeros(n, np.float32)
         if self.ood_threshold is not None and mode != "classify":
@@ -183,16 +188,24 @@ class Pipeline:
         if mode == "always":
             flagged = np.ones(n, bool)
         t_star = np.where(flagged, t_star_of(scores, self.cfg), 0)
-        t0 = time.perf_counter()
-        x_in = x
-        if flagged.any():
-            x_in = x.copy()
-            for t in np.unique(t_star[flagged]):
-                idx = np.flatnonzero(flagged & (t_star == t))
-                x_in[idx] = self.purify(x[idx], int(t), [np.random.default_rng(int(seeds[i])) for i in idx])
-        timings["purify"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        probs = np.asarray(self.engine.classify(x_in), dtype=np.float32)
-        timings["classify"] = time.perf_counter() - t0
-        return {"probs": probs, "scores": scores, "flagged": flagged, "t_star": t_star, "seeds": seeds, "ood": ood,
-                "refused": refused, "timings": timings}
+        probs = None
+        for d in range(draws if flagged.any() else 1):  # each draw purifies the flagged scans with its own noise
+            t0 = time.perf_counter()
+            x_in = x
+            if flagged.any():
+                x_in = x.copy()
+                for t in np.unique(t_star[flagged]):
+                    idx = np.flatnonzero(flagged & (t_star == t))
+                    x_in[idx] = self.purify(x[idx], int(t), [np.random.default_rng(int(seeds[i, d])) for i in idx])
+            timings["purify"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            p = np.asarray(self.engine.classify(x_in if d == 0 else x_in[flagged]), dtype=np.float32)
+            timings["classify"] += time.perf_counter() - t0
+            if d == 0:
+                probs = p.copy()
+            else:
+                probs[flagged] += p
+        if draws > 1 and flagged.any():
+            probs[flagged] /= draws  # the mean of the draws' probabilities
+        return {"probs": probs, "scores": scores, "flagged": flagged, "t_star": t_star,
+                "seeds": seeds[:, 0] if draws == 1 else seeds, "ood": ood, "refused": refused, "timings": timings}

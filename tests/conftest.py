@@ -30,7 +30,6 @@ def tiny_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_run, tmp_path_factory):
     from export.bundle import export_site
-
     from runtime import signing
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-site-0"

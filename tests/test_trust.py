@@ -269,3 +269,42 @@ def test_a_closed_pipe_ends_quietly(tiny_bundle):
     p1.stdout.close()  # the reader is gone before the first line is written, like `runtime info | true`
     err = p1.stderr.read().decode()
     assert p1.wait() == 0 and "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_averaging_draws_is_the_mean_of_single_draws(tiny_bundle, tmp_path):
+    from runtime.engines import OrtEngine
+    from runtime.pipeline import Pipeline, PurifyConfig, scan_seed
+
+    b = Bundle.load(_flag_everything(tiny_bundle, tmp_path))
+    pipe = Pipeline(OrtEngine(b), PurifyConfig.from_manifest(b.manifest), b.ood_threshold)
+    x = np.random.default_rng(0).random((3, 1, b.size, b.size)).astype(np.float32)
+    seeds = np.array([[scan_seed(b"k" * 32, f"{i:064x}", d) for d in range(3)] for i in range(3)], np.int64)
+    singles = [pipe.run(x, seed=seeds[:, d])["probs"] for d in range(3)]
+    assert not np.allclose(singles[0], singles[1], atol=1e-6)  # the noise matters here
+    mixed = pipe.run(x, seed=seeds)
+    assert mixed["flagged"].all()
+    np.testing.assert_allclose(mixed["probs"], np.mean(singles, 0), atol=1e-5)
+
+
+def test_extensionless_dicom_in_a_folder_is_read_and_every_file_gets_a_record(tiny_bundle, tmp_path):
+    from tests.test_imageio import _dicom
+
+    scans = _scans(tmp_path, 2)
+    pacs = tmp_path / "pacs"
+    (pacs / "series1").mkdir(parents=True)
+    png = sorted(scans.rglob("*.png"))[0]
+    pixels = (cv2.imread(str(png), cv2.IMREAD_GRAYSCALE).astype(np.uint16) * 257)
+    _dicom(pacs / "series1" / "IM0001", pixels)
+    _dicom(pacs / "series1" / "1.2.840.113619.2.55.3.604688119", pixels)
+    (pacs / "README.txt").write_text("export notes")
+    os.symlink(pacs / "loop-b", pacs / "loop-a")
+    os.symlink(pacs / "loop-a", pacs / "loop-b")
+    out = tmp_path / "r.jsonl"
+    rc = main(["infer", str(pacs), "--bundle", str(tiny_bundle), "--out", str(out), "--quiet"])
+    recs = {Path(r["file"]).name: r for r in _records(out)}
+    assert set(recs) == {"IM0001", "1.2.840.113619.2.55.3.604688119", "README.txt", "loop-a", "loop-b"}
+    for name in ("IM0001", "1.2.840.113619.2.55.3.604688119"):
+        assert recs[name]["error"] is None and len(recs[name]["sha256"]) == 64
+    assert recs["README.txt"]["skipped"] is True and "not an image" in recs["README.txt"]["error"]
+    assert all("symlink loop" in recs[n]["error"] for n in ("loop-a", "loop-b"))
+    assert rc == 3  # the symlink loops are failures; the README is only skipped
