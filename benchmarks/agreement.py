@@ -7,10 +7,11 @@ scans (and their paper-setting PGD L-inf versions, crafted on the site's
 classifier with the project's attack) go through
 
 - the torch-free runtime: ``runtime.pipeline.Pipeline`` on the ONNX Runtime
-  engine (what ``runtime infer --engine ort`` runs), seed = batch index;
-- the PyTorch reference pipeline (``training.defense``) on the same batches,
-  with the purification noise drawn from the same numpy generator in the
-  same order, so the only difference left is the engine.
+  engine (what ``runtime infer --engine ort`` runs), scan i seeded with i;
+- the PyTorch reference pipeline (``training.defense.DefensePipeline``) on
+  the same scans, with each scan's purification noise drawn from the same
+  per-scan numpy generator (``ScanSeedNoise``), so the only difference left
+  is the engine.
 
 Reported: detection flags, t*, predictions (agreement rates and counts of
 disagreements), accuracy of each, the largest probability difference, and
@@ -30,26 +31,16 @@ import torch
 
 
 @torch.no_grad()
-def torch_reference(pipe, x: torch.Tensor, seed: int) -> dict:
-    """The PyTorch pipeline with the runtime's noise order (``numpy.random.default_rng(seed)``)."""
-    from training.defense import t_star_of
-    from training.diffusion import purify
+def torch_reference(pipe, x: torch.Tensor, seeds: np.ndarray) -> dict:
+    """The PyTorch pipeline with the runtime's per-scan noise (``numpy.random.default_rng(seeds[i])``)."""
+    from training.defense import ScanSeedNoise
 
-    scores = pipe.score(x)
-    flagged = scores > pipe.tau
-    t_star = torch.where(flagged, t_star_of(scores, pipe.tau, pipe.cfg), torch.zeros_like(scores, dtype=torch.long))
-    x_in = x.clone()
-    if bool(flagged.any()):
-        rng = np.random.default_rng(seed)
-        for t in sorted(set(t_star[flagged].tolist())):
-            idx = (flagged & (t_star == t)).nonzero().flatten()
-            noise = torch.from_numpy(rng.standard_normal(tuple(x[idx].shape)).astype(np.float32))
-            x_in[idx] = purify(pipe.denoiser, pipe.diffusion, x[idx], int(t), pipe.cfg.steps or None, noise)
-    probs = pipe.classifier(x_in).softmax(1)
-    return {"probs": probs.numpy(), "scores": scores.numpy(), "flagged": flagged.numpy(), "t_star": t_star.numpy()}
+    r = pipe.run(x, ScanSeedNoise(seeds))
+    return {k: v.numpy() for k, v in r.items()}
 
 
-def compare(run: str, bundle_dir: str, site: int = 0, max_scans: int = 0, batch_size: int = 32, log=print) -> dict:
+def compare(run: str, bundle_dir: str, site: int = 0, max_scans: int = 0, batch_size: int = 32, log=print,
+            command: str = "") -> dict:
     from runtime.bundle import Bundle
     from runtime.engines import OrtEngine
     from runtime.pipeline import Pipeline, PurifyConfig
@@ -61,7 +52,10 @@ def compare(run: str, bundle_dir: str, site: int = 0, max_scans: int = 0, batch_
     m = bundle.manifest
     bundle_profile = cfgmod.from_dict(m["provenance"]["profile"])
     _, sites, info = load_sites(run, defense=cfgmod.to_dict(bundle_profile)["defense"])
-    s = [x for x in sites if x.site == site][0]
+    match = [x for x in sites if x.site == site]
+    if not match:
+        raise ValueError(f"{run} has no site {site}; its sites: {[x.site for x in sites]}")
+    s = match[0]
     engine = OrtEngine(bundle)
     rt = Pipeline(engine, PurifyConfig.from_manifest(m))
     test = s.data["test"]
@@ -80,10 +74,11 @@ def compare(run: str, bundle_dir: str, site: int = 0, max_scans: int = 0, batch_
               "threats": {}}
     for name, xs in (("clean", x), ("pgd_linf", adv)):
         parts = {"rt": [], "pt": []}
-        for b, i in enumerate(range(0, n, batch_size)):
+        for i in range(0, n, batch_size):
             xb = xs[i : i + batch_size]
-            parts["rt"].append(rt.run(xb.numpy(), seed=b))
-            parts["pt"].append(torch_reference(s.pipe, xb, seed=b))
+            seeds = np.arange(i, i + len(xb), dtype=np.int64)
+            parts["rt"].append(rt.run(xb.numpy(), seed=seeds))
+            parts["pt"].append(torch_reference(s.pipe, xb, seeds))
         cat = {side: {k: np.concatenate([p[k] for p in parts[side]]) for k in ("probs", "scores", "flagged", "t_star")}
                for side in parts}
         pr, pp = cat["rt"]["probs"].argmax(1), cat["pt"]["probs"].argmax(1)
@@ -102,7 +97,7 @@ def compare(run: str, bundle_dir: str, site: int = 0, max_scans: int = 0, batch_
             f"{row['prediction_agreement']:.4f} ({row['prediction_disagreements']} differ), flags agree on "
             f"{row['flag_agreement']:.4f}, max prob diff {row['probs_max_abs_diff']:.1e}")
     report["seconds"] = time.perf_counter() - t0
-    report["command"] = " ".join(["python -m benchmarks.agreement"] + sys.argv[1:])
+    report["command"] = command or f"python -m benchmarks.agreement --run {run} --bundle {bundle_dir} --site {site}"
     return report
 
 
@@ -110,7 +105,7 @@ def render(r: dict) -> str:
     lines = [f"# Runtime (ONNX Runtime) against PyTorch: {r['bundle']}", "",
              f"Run `{r['run']}`, site {r['site']}, {r['scans']} test scans; {r['attack']} crafted on the site's "
              f"classifier. tau: runtime {r['tau']['runtime']:.6g}, torch {r['tau']['torch']:.6g}. "
-             f"Purification noise: numpy default_rng(batch index) on both sides.", "",
+             f"Purification noise: numpy default_rng(scan index) per scan on both sides.", "",
              f"Produced by: `{r['command']}` ({r['seconds']:.0f} s)", "",
              "| scans | accuracy, runtime | accuracy, PyTorch | predictions agree | flags agree | t* agree | "
              "max prob diff | max score diff (rel) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -132,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="folder for agreement.md and agreement.json")
     args = p.parse_args(argv)
     try:
-        r = compare(args.run, args.bundle, args.site, args.max_scans)
+        r = compare(args.run, args.bundle, args.site, args.max_scans,
+                    command=" ".join(["python -m benchmarks.agreement", *(argv if argv is not None else sys.argv[1:])]))
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -24,19 +24,15 @@ import numpy as np
 
 
 def _test_split(run: str, site: int):
-    from training.evaluate import load_sites
+    from benchmarks.traffic import load_site
 
-    _, sites, _ = load_sites(run)
-    match = [s for s in sites if s.site == site]
-    if not match:
-        raise ValueError(f"{run} has no site {site}")
-    return match[0].data
+    return load_site(run, site)[1].data
 
 
 def _source_root(run: str) -> Path:
-    from training.evaluate import _read_source
+    from benchmarks.traffic import read_source
 
-    return Path(_read_source(Path(run)))
+    return Path(read_source(run))
 
 
 def cmd_files(args) -> int:
@@ -80,7 +76,11 @@ def score(run: str, site: int, results: str, reference: str | None = None) -> di
     out["median_ms_total"] = float(np.median(np.sum([ms[k] for k in ms], axis=0))) if ms else 0.0
     if reference:
         ref = json.loads(Path(reference).read_text())
-        s = [x for x in ref["sites"] if x["site"] == site][0]
+        match = [x for x in ref["sites"] if x["site"] == site]
+        if not match:
+            have = ", ".join(str(x["site"]) for x in ref["sites"]) or "none"
+            raise ValueError(f"{reference} has no site {site} (its sites: {have})")
+        s = match[0]
         out["reference"] = {"file": reference, "clean_acc_pipeline": s["clean"]["acc"], "n": s["clean"]["n"],
                             "flag_rate": s["clean"].get("flag_rate")}
     return out
@@ -118,4 +118,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

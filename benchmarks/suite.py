@@ -2,7 +2,12 @@
 
 ``python -m benchmarks.suite --run RUN --bundle BUNDLE --out benchmarks/results/bench-NAME``
 
-1. Traffic: ``benchmarks/data/<bundle>.npz`` (made if missing, ``benchmarks.traffic``).
+The bundle's manifest names the site it was exported for
+(``provenance.site``); the traffic and the PyTorch pipeline are that site's
+of RUN, and a site RUN does not have is refused.
+
+1. Traffic: ``benchmarks/data/<bundle>.npz``, the site's test scans (made if
+   missing, ``benchmarks.traffic``; one made for another site is refused).
 2. Latency suite, ``runtime bench`` on the ONNX Runtime engine: batch sizes
    1, 8, 32; clean and attacked traffic; the defense (``adaptive``), purify
    every scan (``always``) and the classifier alone (``classify``); where the
@@ -14,7 +19,8 @@
    which give the runtime-against-PyTorch ratios (drift in the machine's
    load over the minutes between two separate blocks then cancels out);
    the int8 runtime takes part in the same rounds.
-4. Robustness against compute on the run's test scans: the defense at a 5 %
+4. Robustness against compute on the test scans of every site of the run
+   (``training.evaluate.sweep_run``): the defense at a 5 %
    clean flag rate with 1, 2, 5, 10 DDIM steps and with every DDPM step
    from t*, under paper-setting PGD.
 
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -45,25 +52,31 @@ class Contenders:
     preprocesses the scan's original and runs the pipeline on its
     ``clean`` or ``attacked`` version: the runtime's defense (ONNX Runtime),
     the runtime's classifier alone, and the PyTorch eager defense (the same
-    models, ``training.defense.DefensePipeline``).
+    models, ``training.defense.DefensePipeline``) of the site the bundle was
+    exported for (its manifest's ``provenance.site``).
     """
 
-    def __init__(self, run: str, bundle: str, traffic_path: str, defense: dict | None = None, site: int = 0):
+    def __init__(self, run: str, bundle: str, traffic_path: str, defense: dict | None = None, *,
+                 trusted: list | None = None, allow_unsigned: bool = False):
+        from benchmarks.traffic import check_site, load_site, manifest_site
         from runtime.bench import Traffic
         from runtime.bundle import Bundle
         from runtime.engines import OrtEngine
         from runtime.pipeline import Pipeline, PurifyConfig
-        from training.evaluate import load_sites
 
-        b = Bundle.load(bundle)
+        b = Bundle.load(bundle, trusted=trusted, allow_unsigned=allow_unsigned)
+        self.site = check_site(run, manifest_site(b.manifest, bundle))
+        self.traffic = Traffic(traffic_path)
+        check_traffic_site(self.traffic, self.site)
         cfg = PurifyConfig.from_manifest(b.manifest)
         self.runtime = Pipeline(OrtEngine(b), cfg)
         # The int8 denoiser (export.quantize), where the bundle has one: timed beside fp32, never instead of it.
         self.runtime_int8 = Pipeline(OrtEngine(b, precision="int8"), cfg) if "int8" in b.precisions else None
         self.int8_parity = b.manifest.get("parity", {}).get("int8")
-        profile, sites, _ = load_sites(run, defense=defense)
-        self.eager = [s for s in sites if s.site == site][0].pipe
-        self.traffic = Traffic(traffic_path)
+        profile, site, _ = load_site(run, self.site, defense)
+        if site.pipe is None:
+            raise ValueError(f"{run}: no detector and denoiser in this run; no PyTorch defense to compare with")
+        self.eager = site.pipe
         self.cfg = profile.preprocess
         self.generator = torch.Generator().manual_seed(0)
 
@@ -105,6 +118,14 @@ class Contenders:
 
             fns["runtime_int8"] = runtime_int8
         return fns
+
+
+def check_traffic_site(traffic, site: int) -> None:
+    """A traffic file made for another site than ``site`` (its ``meta.site``) is a one-line ValueError."""
+    made_for = traffic.meta.get("site")
+    if made_for is not None and made_for != site:
+        raise ValueError(f"{traffic.path} holds test scans of site {made_for}, the bundle is site {site}'s "
+                         f"(make it again with python -m benchmarks.traffic --bundle, or pass another --traffic)")
 
 
 def torch_eager_latency(c: Contenders, *, attacked: bool, iters: int, warmup: int, seed: int = 0) -> dict:
@@ -220,38 +241,48 @@ def paired_latency(c: Contenders, *, iters: int, warmup: int) -> dict:
 
 
 def run_suite(run: str, bundle: str, out: str, *, n: int = 64, iters: int = 20, warmup: int = 3, blocks: int = 10,
-              sweep_max: int = 64, skip_sweep: bool = False, traffic_path: str | None = None, log=print) -> dict:
-    from benchmarks.traffic import make_traffic
-    from runtime.bench import run_bench, write_reports
+              sweep_max: int = 64, skip_sweep: bool = False, traffic_path: str | None = None,
+              trusted: list | None = None, allow_unsigned: bool = False, command: str = "", log=print) -> dict:
+    """Run the suite on site ``provenance.site`` of ``run`` (the bundle's manifest); write ``out/summary.*``.
+
+    ``trusted`` and ``allow_unsigned`` go to ``runtime.bundle.Bundle.load``;
+    ``command`` is recorded in the summary as the command that produced it.
+    """
+    from benchmarks.traffic import check_site, make_traffic, manifest_site
+    from runtime.bench import Traffic, run_bench, write_reports
     from runtime.bundle import Bundle
     from training import config as cfgmod
 
     t_all = time.perf_counter()
-    out_p = Path(out)
-    out_p.mkdir(parents=True, exist_ok=True)
-    b = Bundle.load(bundle)
+    trust = {"trusted": trusted, "allow_unsigned": allow_unsigned}
+    b = Bundle.load(bundle, **trust)
+    site = check_site(run, manifest_site(b.manifest, bundle))
     defense = cfgmod.to_dict(cfgmod.from_dict(b.manifest["provenance"]["profile"]))["defense"]
     traffic = Path(traffic_path) if traffic_path else Path("benchmarks/data") / f"{Path(bundle).name}.npz"
-    if not traffic.exists():
-        log(f"making traffic {traffic} from {run} ...")
-        make_traffic(run, str(traffic), n=n)
+    if traffic.exists():
+        check_traffic_site(Traffic(traffic), site)
+    else:
+        log(f"making traffic {traffic} from site {site} of {run} ...")
+        make_traffic(run, str(traffic), site=site, n=n)
+    out_p = Path(out)
+    out_p.mkdir(parents=True, exist_ok=True)
     log("latency suite (runtime, ONNX Runtime) ...")
     lat = run_bench(bundle, str(traffic), engine="ort", batch_sizes=(1, 8, 32), traffics=("clean", "attacked"),
-                    modes=("adaptive", "always", "classify"), iters=iters, warmup=warmup, log=log)
+                    modes=("adaptive", "always", "classify"), iters=iters, warmup=warmup, log=log, **trust)
     write_reports(lat, out_p / "latency")
     lat8 = None
     if "int8" in b.precisions:
         log("latency, the runtime with the int8 denoiser (batch 1) ...")
         lat8 = run_bench(bundle, str(traffic), engine="ort", precision="int8", batch_sizes=(1,),
-                         traffics=("clean", "attacked"), modes=("adaptive",), iters=iters, warmup=warmup, log=log)
+                         traffics=("clean", "attacked"), modes=("adaptive",), iters=iters, warmup=warmup, log=log, **trust)
         write_reports(lat8, out_p / "latency-int8")
 
     def p50(traffic_kind, mode, batch=1):
         c = [c for c in lat["configs"] if c["traffic"] == traffic_kind and c["mode"] == mode and c["batch_size"] == batch]
         return c[0]["latency_ms"]["p50"]
 
-    contenders = Contenders(run, bundle, str(traffic), defense=defense)
-    log("PyTorch eager pipeline, batch 1 ...")
+    contenders = Contenders(run, bundle, str(traffic), defense=defense, **trust)
+    log(f"PyTorch eager pipeline of site {site}, batch 1 ...")
     eager = {k: torch_eager_latency(contenders, attacked=(k == "attacked"), iters=iters, warmup=warmup)
              for k in ("clean", "attacked")}
     log("paired timing, batch 1 (runtime defense and runtime classifier in turn) ...")
@@ -285,12 +316,12 @@ def run_suite(run: str, bundle: str, out: str, *, n: int = 64, iters: int = 20, 
             r = rows[k]
             ratios[f"respaced_{k}_cost_ratio"] = full["evals_per_attacked_scan"] / max(r["evals_per_attacked_scan"], 1e-9)
             ratios[f"respaced_{k}_gap_points"] = 100.0 * (full["robust_acc"] - r["robust_acc"])
-    report = {"run": run, "bundle": bundle, "traffic": str(traffic), "latency": {k: v for k, v in lat.items() if k != "configs"},
+    report = {"run": run, "bundle": bundle, "site": site, "traffic": str(traffic), "latency": {k: v for k, v in lat.items() if k != "configs"},
               "latency_configs": [{k: v for k, v in c.items() if k != "samples_ms"} for c in lat["configs"]],
               "torch_eager": eager, "paired": paired, "alternating": alternating, "ratios": ratios, "sweep": sweep, "targets": TARGETS,
               "int8_parity": contenders.int8_parity, "traffic_accuracy": accuracy,
               "latency_int8_configs": [{k: v for k, v in c.items() if k != "samples_ms"} for c in lat8["configs"]] if lat8 else None,
-              "command": " ".join(["python -m benchmarks.suite"] + sys.argv[1:]), "seconds": time.perf_counter() - t_all}
+              "command": command, "seconds": time.perf_counter() - t_all}
     (out_p / "summary.json").write_text(json.dumps(report, indent=1, default=float))
     (out_p / "summary.md").write_text(render(report))
     return report
@@ -299,10 +330,12 @@ def run_suite(run: str, bundle: str, out: str, *, n: int = 64, iters: int = 20, 
 def render(r: dict) -> str:
     env = r["latency"]["environment"]
     ratios = r["ratios"]
+    of_site = f"site {r['site']} of " if "site" in r else ""
+    produced = f"`{r['command']}` " if r.get("command") else ""
     lines = [f"# Benchmark suite: {r['bundle']}", "",
-             f"Produced by: `{r['command']}` ({r['seconds'] / 60:.1f} min) on {env['cpu']}, {env['cores']} cores; "
+             f"Produced by: {produced}({r['seconds'] / 60:.1f} min) on {env['cpu']}, {env['cores']} cores; "
              f"ONNX Runtime {env.get('onnxruntime', '?')}, PyTorch {torch.__version__} ({r['torch_eager']['clean']['threads']} threads). "
-             f"Traffic: `{r['traffic']}` (test scans of `{r['run']}` and their paper-setting PGD versions).", "",
+             f"Traffic: `{r['traffic']}` (test scans of {of_site}`{r['run']}` and their paper-setting PGD versions).", "",
              "## Latency, batch 1 (median of steady-state batches, end to end incl. preprocessing)", "",
              "| pipeline | clean traffic | attacked traffic |", "|---|---:|---:|"]
     cfgs = r["latency_configs"]
@@ -422,10 +455,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-max", type=int, default=64, help="test scans in the robustness-vs-compute sweep")
     p.add_argument("--skip-sweep", action="store_true")
     p.add_argument("--traffic", help="traffic file (default: benchmarks/data/<bundle name>.npz, made if missing)")
+    p.add_argument("--trusted-key", action="append", metavar="PUB",
+                   help="public key (PEM) whose signed bundles are accepted, besides "
+                        "$MEDFEDPURE_HOME/trusted-keys/*.pub (repeatable)")
+    p.add_argument("--allow-unsigned", action="store_true", help="run a bundle that is unsigned or signed by an untrusted key")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     try:
         r = run_suite(args.run, args.bundle, args.out, n=args.n, iters=args.iters, warmup=args.warmup, blocks=args.blocks,
-                      sweep_max=args.sweep_max, skip_sweep=args.skip_sweep, traffic_path=args.traffic)
+                      sweep_max=args.sweep_max, skip_sweep=args.skip_sweep, traffic_path=args.traffic,
+                      trusted=args.trusted_key, allow_unsigned=args.allow_unsigned,
+                      command=shlex.join(["python", "-m", "benchmarks.suite", *argv]))
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -436,4 +476,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

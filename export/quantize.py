@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime import schedule
+
 INT8_TOLERANCES = {"purified_vs_noise": 0.25, "extra_flips": 1}
 
 
@@ -49,8 +51,7 @@ def calibration_inputs(images: np.ndarray, abar: np.ndarray, t_min: int, t_max: 
         t = int(rng.choice(steps))
         x = images[i].astype(np.float32)[None, None]
         noise = rng.standard_normal(x.shape).astype(np.float32)
-        x_t = np.sqrt(abar[t]) * (2.0 * x - 1.0) + np.sqrt(1.0 - abar[t]) * noise
-        feeds.append({"x_t": x_t.astype(np.float32), "t": np.array([t], np.float32)})
+        feeds.append({"x_t": schedule.q_sample(x, t, noise, abar), "t": np.array([t], np.float32)})
     return feeds
 
 
@@ -125,7 +126,7 @@ def int8_parity(sessions: dict, images: np.ndarray, labels: np.ndarray, purify_c
         pur["fp32"].append(a32)
         pur["int8"].append(a8)
         pur["other_noise"].append(ao)
-        h = (np.sqrt(p32.abar[t_star]) * (2.0 * xb - 1.0) + np.sqrt(1.0 - p32.abar[t_star]) * noise).astype(np.float32)
+        h = schedule.q_sample(xb, t_star, noise, p32.abar)
         t = np.full(len(xb), t_star, np.float32)
         e32, e8 = p32.engine.eps(h, t), p8.engine.eps(h, t)
         eps_num += float(np.abs(e8 - e32).sum())

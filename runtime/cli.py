@@ -75,6 +75,8 @@ def _check_out_file(out: str | None) -> None:
     if p.is_dir():
         raise ValueError(f"--out {out}: is a folder; name a results file (.jsonl or .csv)")
     parent = p.parent if str(p.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise ValueError(f"--out {out}: {parent} is not a folder")
     if not parent.is_dir():
         raise ValueError(f"--out {out}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
@@ -192,9 +194,14 @@ class _Writer:
 
 
 def _file_sha256(path: Path) -> str | None:
+    """sha256 of a regular file (None for anything else, such as a FIFO, which would block)."""
+    import stat
+
     from runtime.bundle import sha256
 
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
         return sha256(path)
     except OSError:
         return None

@@ -121,7 +121,7 @@ class Pipeline:
                 return rng.standard_normal(shape).astype(np.float32)
         noise = draw(x.shape) if noise is None else noise.astype(np.float32)
         a = self.abar
-        h = (np.sqrt(a[t_star]) * (2.0 * x - 1.0) + np.sqrt(1.0 - a[t_star]) * noise).astype(np.float32)
+        h = schedule.q_sample(x, t_star, noise, a)
         steps = self.cfg.steps or None
         ts = schedule.respaced_timesteps(t_star, steps)
         n = x.shape[0]

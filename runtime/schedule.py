@@ -43,3 +43,12 @@ def respaced_timesteps(t_star: int, steps: int | None) -> list[int]:
         raise ValueError(f"steps must be >= 1, got {steps}")
     ts = np.round(np.linspace(t_star, 0, steps + 1)[:-1]).astype(int)
     return [int(t) for t in ts]
+
+
+def q_sample(x01: np.ndarray, t: int, noise: np.ndarray, abar: np.ndarray) -> np.ndarray:
+    """Forward-noise images in [0, 1] to step ``t``: ``sqrt(abar_t) (2x - 1) + sqrt(1 - abar_t) noise`` (float32).
+
+    ``abar`` is alpha-bar indexed by timestep (:func:`alpha_bar_by_step`);
+    the result is in diffusion space, as the denoiser takes it.
+    """
+    return (np.sqrt(abar[t]) * (2.0 * x01 - 1.0) + np.sqrt(1.0 - abar[t]) * noise).astype(np.float32)

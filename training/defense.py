@@ -110,8 +110,43 @@ def t_star_of(scores: torch.Tensor, tau: float, cfg: DefenseConfig) -> torch.Ten
     return t.clamp(cfg.t_min, cfg.t_max).long()
 
 
+class TorchNoise:
+    """Forward noise from a torch generator, drawn per group of scans in the order they are purified."""
+
+    def __init__(self, generator: torch.Generator | None = None):
+        self.generator = generator
+
+    def __call__(self, idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return torch.randn(like.shape, generator=self.generator, dtype=like.dtype).to(like.device)
+
+
+class ScanSeedNoise:
+    """Forward noise of scan ``i`` from ``numpy.random.default_rng(seeds[i])``: the scanner runtime's noise.
+
+    With it the PyTorch pipeline draws exactly the noise ``runtime.pipeline``
+    draws for the same seeds (DDIM purification, whose only randomness is the
+    forward noise), whatever the batch.
+    """
+
+    def __init__(self, seeds):
+        self.seeds = np.asarray(seeds, np.int64)
+
+    def __call__(self, idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        shape = tuple(like.shape[1:])
+        arr = np.stack([np.random.default_rng(int(self.seeds[i])).standard_normal(shape) for i in idx.tolist()])
+        return torch.from_numpy(arr.astype(np.float32)).to(like.device, like.dtype)
+
+
 class DefensePipeline(nn.Module):
-    """``forward(x)`` -> probabilities ``[N, C]``; :meth:`run` also returns scores, flags and t*."""
+    """``forward(x)`` -> probabilities ``[N, C]``; :meth:`run` also returns scores, flags and t*.
+
+    The one place where score -> flag -> t* -> purify -> classify is
+    written on the PyTorch side (training's purifying objective, the
+    evaluation, the adaptive attack and the runtime comparison all call it);
+    ``runtime.pipeline.Pipeline`` is its numpy twin, tested against it. The
+    purification noise is injected: a torch generator, or any
+    ``noise(idx, like) -> tensor`` such as :class:`ScanSeedNoise`.
+    """
 
     def __init__(self, classifier: nn.Module, detector: nn.Module, denoiser: nn.Module,
                  diffusion: GaussianDiffusion, tau: float, cfg: DefenseConfig | None = None,
@@ -124,25 +159,43 @@ class DefensePipeline(nn.Module):
     def score(self, x: torch.Tensor) -> torch.Tensor:
         return self.scorer(x)
 
+    def decide(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flagged ``[N]`` bool, t* ``[N]`` long, 0 where not flagged) from detection scores."""
+        flagged = kappa_flags(scores, self.cfg.kappa) if self.cfg.rule == "kappa" else scores > self.tau
+        t_star = torch.where(flagged, t_star_of(scores, self.tau, self.cfg), torch.zeros_like(scores, dtype=torch.long))
+        return flagged, t_star
+
     def purify_flagged(self, x: torch.Tensor, flagged: torch.Tensor, t_star: torch.Tensor,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+                       generator=None, steps: int | None | str = "config") -> torch.Tensor:
+        """``x`` with each flagged scan purified from its own t*; differentiable.
+
+        ``generator``: a torch generator or a noise source (see the class
+        docstring); ``steps`` overrides the configured purification steps.
+        """
+        noise_of = generator if callable(generator) else TorchNoise(generator)
+        torch_gen = generator if isinstance(generator, torch.Generator) else None
+        steps = (self.cfg.steps or None) if steps == "config" else steps
         out = x.clone()
         for t in torch.unique(t_star[flagged]).tolist():
             idx = (flagged & (t_star == t)).nonzero().flatten()
-            noise = torch.randn(x[idx].shape, generator=generator, dtype=x.dtype).to(x.device)
-            purified = purify(self.denoiser, self.diffusion, x[idx], int(t), self.cfg.steps or None, noise, generator)
+            noise = noise_of(idx, x[idx])
+            purified = purify(self.denoiser, self.diffusion, x[idx], int(t), steps, noise, torch_gen)
             out = out.index_copy(0, idx, purified)
         return out
 
-    def run(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def purified_inputs(self, x: torch.Tensor, generator=None) -> dict[str, torch.Tensor]:
+        """What the classifier sees: ``x_in``, with ``scores``, ``flagged`` and ``t_star``."""
         scores = self.score(x)
-        flagged = kappa_flags(scores, self.cfg.kappa) if self.cfg.rule == "kappa" else scores > self.tau
-        t_star = torch.where(flagged, t_star_of(scores, self.tau, self.cfg), torch.zeros_like(scores, dtype=torch.long))
+        flagged, t_star = self.decide(scores)
         x_in = self.purify_flagged(x, flagged, t_star, generator) if bool(flagged.any()) else x
-        probs = self.classifier(x_in).softmax(1)
-        return {"probs": probs, "scores": scores, "flagged": flagged, "t_star": t_star}
+        return {"x_in": x_in, "scores": scores, "flagged": flagged, "t_star": t_star}
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def run(self, x: torch.Tensor, generator=None) -> dict[str, torch.Tensor]:
+        r = self.purified_inputs(x, generator)
+        probs = self.classifier(r.pop("x_in")).softmax(1)
+        return {"probs": probs, **r}
+
+    def forward(self, x: torch.Tensor, generator=None) -> torch.Tensor:
         return self.run(x, generator)["probs"]
 
 

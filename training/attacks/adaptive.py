@@ -37,7 +37,6 @@ from torch.nn import functional as F
 from training.attacks.pgd import project, random_start
 from training.config import AttackConfig
 from training.defense import DefensePipeline, abs_laplacian, t_star_of
-from training.diffusion import purify
 
 
 @dataclass(frozen=True)
@@ -74,19 +73,12 @@ class AdaptiveConfig:
 def _purified(pipe: DefensePipeline, x: torch.Tensor, t_star: torch.Tensor, steps: int, gradient: str,
               generator: torch.Generator | None) -> torch.Tensor:
     """Every scan purified from its own t*, differentiably (exact) or with an identity backward (BPDA)."""
-    out = torch.zeros_like(x)
-    for t in torch.unique(t_star).tolist():
-        idx = (t_star == t).nonzero().flatten()
-        xi = x[idx]
-        noise = torch.randn(xi.shape, generator=generator, dtype=x.dtype).to(x.device)
-        if gradient == "exact":
-            pi = purify(pipe.denoiser, pipe.diffusion, xi, int(t), steps, noise)
-        else:
-            with torch.no_grad():
-                pi = purify(pipe.denoiser, pipe.diffusion, xi, int(t), steps, noise)
-            pi = xi + (pi - xi).detach()
-        out = out.index_copy(0, idx, pi)
-    return out
+    every = torch.ones(len(x), dtype=torch.bool, device=x.device)
+    if gradient == "exact":
+        return pipe.purify_flagged(x, every, t_star, generator, steps=steps)
+    with torch.no_grad():
+        purified = pipe.purify_flagged(x, every, t_star, generator, steps=steps)
+    return x + (purified - x).detach()
 
 
 def surrogate_loss(pipe: DefensePipeline, x: torch.Tensor, y: torch.Tensor, cfg: AdaptiveConfig,

@@ -38,7 +38,7 @@ from training.attacks.pgd import pgd
 from training.data.augment import Augment
 from training.data.datasets import Dataset, Split, load_dataset
 from training.data.partition import class_shares, partition, partition_like
-from training.defense import DefensePipeline, calibrate_tau, detection_scores, t_star_of
+from training.defense import DefensePipeline, calibrate_tau, detection_scores
 from training.diffusion import GaussianDiffusion, purify
 from training.engine import batches, cosine_lr, train_one_epoch
 from training.metrics import balanced_accuracy, positive_class, sensitivity
@@ -232,13 +232,9 @@ class PurifyingObjective:
 
     def __call__(self, model, x, y, generator):
         with torch.no_grad():
-            scores = self.defense.score(x)
-            flagged = scores > self.defense.tau
-            if bool(flagged.any()):
-                t_star = torch.where(flagged, t_star_of(scores, self.defense.tau, self.defense.cfg), 0)
-                x = self.defense.purify_flagged(x, flagged, t_star, generator)
-        loss, metrics = self.base(model, x, y, generator)
-        return loss, {**metrics, "flagged": float(flagged.float().mean())}
+            r = self.defense.purified_inputs(x, generator)
+        loss, metrics = self.base(model, r["x_in"], y, generator)
+        return loss, {**metrics, "flagged": float(r["flagged"].float().mean())}
 
 
 @dataclass
