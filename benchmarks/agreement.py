@@ -46,7 +46,7 @@ def compare(run: str, bundle_dir: str, site: int = 0, max_scans: int = 0, batch_
     from runtime.pipeline import Pipeline, PurifyConfig
     from training import config as cfgmod
     from training.attacks.pgd import PAPER_LINF, pgd
-    from training.evaluate import load_sites
+    from training.runs import load_sites
 
     bundle = Bundle.load(bundle_dir)
     m = bundle.manifest

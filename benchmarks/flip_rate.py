@@ -31,7 +31,7 @@ def run(bundle_dir: str, run_dir: str, site: int, draws: int = 5, out: str | Non
     from runtime.bundle import Bundle
     from runtime.engines import OrtEngine
     from runtime.pipeline import Pipeline, PurifyConfig, scan_seed
-    from training.evaluate import load_sites
+    from training.runs import load_sites
 
     bundle = Bundle.load(bundle_dir, trusted=trusted, allow_unsigned=allow_unsigned)
     pipe = Pipeline(OrtEngine(bundle, threads=threads), PurifyConfig.from_manifest(bundle.manifest))

@@ -78,7 +78,7 @@ def _detector(site, x: np.ndarray, kind: str) -> np.ndarray:
 
 def run(run_dir: str, out: str, per_kind: int = 20, refusal_rate: float = 0.01, seed: int = 0, log=print) -> dict:
     from training.engine import predict
-    from training.evaluate import load_sites
+    from training.runs import load_sites
 
     torch.manual_seed(seed)
     from export.bundle import _shared_features

@@ -60,7 +60,7 @@ def _scores(model, split) -> dict:
 
 
 def ablate(run: str | Path, source: str | None = None) -> dict:
-    from training.evaluate import load_sites
+    from training.runs import load_sites
 
     profile, sites, _ = load_sites(run, source)
     if not hasattr(sites[0].classifier, "gates") or len(sites[0].classifier.gates) < 2:

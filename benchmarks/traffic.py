@@ -26,15 +26,10 @@ import torch
 
 
 def read_source(run: str | Path) -> str:
-    """The data source a run was trained on: the ``source = ...`` line of ``RUN/data.txt``."""
-    f = Path(run) / "data.txt"
-    if not f.is_file():
-        raise FileNotFoundError(f"{f}: missing; not a run folder")
-    for line in f.read_text().splitlines():
-        key, sep, value = line.partition(" = ")
-        if sep and key.strip() == "source":
-            return value.strip()
-    raise ValueError(f"{f}: no 'source = ...' line")
+    """The data source a run was trained on (``training.runs.read_source``)."""
+    from training.runs import read_source as _source
+
+    return _source(run)
 
 
 def run_sites(run: str | Path) -> list[int]:
@@ -69,7 +64,7 @@ def load_site(run: str | Path, site: int, defense: dict | None = None):
     ``training.evaluate.load_sites``. A site the run does not have is a
     one-line ValueError naming the run's sites.
     """
-    from training.evaluate import load_sites
+    from training.runs import load_sites
 
     check_site(run, site)
     profile, sites, info = load_sites(run, defense=defense)

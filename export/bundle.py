@@ -15,8 +15,9 @@ The bundle is what a hospital installs next to its scanner (DESIGN.md):
     manifest.json                                         see :func:`build_manifest`
     manifest.sig                                          Ed25519 signature of manifest.json (``runtime.signing``)
 
-Parity is checked here, on the site's own test scans, before the bundle is
-written: ONNX Runtime (CPU) against PyTorch. fp32: probabilities within
+Parity is checked here, on the site's own validation scans, before the
+bundle is written (the same figures on its test scans are recorded beside
+them, without deciding): ONNX Runtime (CPU) against PyTorch. fp32: probabilities within
 1e-4, detection scores within 1e-3 relative, epsilon within 1e-4; fp16:
 probabilities within 1e-2 and no prediction flip. A bundle that fails is not
 written. The noise-floor detection score is computed in fp32 in both
@@ -177,7 +178,8 @@ def build_manifest(*, profile: cfgmod.Profile, site: int, run: Path, class_names
             "tau": tau,
             "calibration": {"rule": d.rule, "flag_rate": d.flag_rate, "split": "val", "n_scans": n_val,
                             "statistic": "quantile 1 - flag_rate of clean validation scores"},
-            "mask_ratio": profile.detector.mask_ratio, "mask_seed": profile.detector.mask_seed,
+            **({"mask_ratio": profile.detector.mask_ratio, "mask_seed": profile.detector.mask_seed}
+               if d.score == "mae" else {}),
             "score": score_description(profile), "score_kind": d.score,
         },
         "purification": {
@@ -205,8 +207,11 @@ def build_manifest(*, profile: cfgmod.Profile, site: int, run: Path, class_names
 
 
 def _export_int8(profile: cfgmod.Profile, s, files: dict[str, Path], tmp: Path, images: np.ndarray,
-                 labels: np.ndarray, log) -> dict:
+                 labels: np.ndarray, log, report: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """``denoiser.int8.onnx`` calibrated on the site's validation scans, checked on ``images``; its parity record.
+
+    ``images`` are validation scans (the gate); ``report``, test scans and
+    labels whose figures are recorded beside it (``test``) without deciding.
 
     A failed check leaves the file out of the bundle (the fp32 and fp16
     graphs are unaffected) and says why in the record.
@@ -231,8 +236,11 @@ def _export_int8(profile: cfgmod.Profile, s, files: dict[str, Path], tmp: Path, 
         dst.unlink()
         log(f"  int8 denoiser left out: {err}")
         return {"passed": False, "reason": str(err)}
+    res["split"] = "val"
     res["calibration"] = {"split": "val", "n_scans": len(feeds), "t_star": [d.t_min, d.t_max, d.quantum],
                           "method": "min-max, QDQ: convolutions int8 (weights per channel), the rest fp32"}
+    if report is not None and len(report[0]):
+        res["test"] = int8_parity(sessions, report[0], report[1], cfg, t_star=d.t_max, check=False)
     files["denoiser.int8"] = dst
     log(f"  int8 denoiser: purified images differ from fp32 by {res['purified_mean_abs_int8_vs_fp32']:.4f} "
         f"(another noise draw: {res['purified_mean_abs_other_noise_vs_fp32']:.4f}); prediction flips "
@@ -304,7 +312,7 @@ def export_site(run: str | Path, site: int, out: str | Path, *, opset: int = OPS
     exporting from its deployment state names its run and site here).
     """
     from runtime import signing
-    from training.evaluate import load_sites
+    from training.runs import load_sites
 
     run, out = Path(run), Path(out)
     if opset < 17:
@@ -357,15 +365,23 @@ def export_site(run: str | Path, site: int, out: str | Path, *, opset: int = OPS
         _export(graphs["ood"], (img,), tmp / "ood.onnx", ["image"], ["score"], opset)
         files["ood.fp32"] = tmp / "ood.onnx"
         files["ood.pt2"] = _torch_export(graphs["ood"], (img,), tmp / "ood.pt2")
-        test = s.data["test"]
-        n = len(test) if parity_scans <= 0 else min(len(test), parity_scans)
-        images = test.images[:n][:, None]
+        # the ship gates decide on validation scans; the same figures on test scans are reported beside them
+        val, test = s.data["val"], s.data["test"]
+        n = len(val) if parity_scans <= 0 else min(len(val), parity_scans)
+        images, labels = val.images[:n][:, None], val.labels[:n]
         parity = check_parity(graphs, files, images)
-        log(f"  parity on {n} test scans: fp32 probs {parity['fp32']['probs_max_abs']:.1e}, scores "
+        parity["split"] = "val"
+        log(f"  parity on {n} validation scans: fp32 probs {parity['fp32']['probs_max_abs']:.1e}, scores "
             f"{parity['fp32']['score_max_rel']:.1e} rel, eps {parity['fp32']['eps_max_abs']:.1e}; fp16 probs "
             f"{parity['fp16']['probs_max_abs']:.1e}, {parity['fp16']['prediction_flips']} flips")
+        nt = len(test) if parity_scans <= 0 else min(len(test), parity_scans)
+        try:
+            parity["test"] = check_parity(graphs, files, test.images[:nt][:, None])
+        except ValueError as err:  # reported, not a gate
+            parity["test"] = {"n_scans": nt, "passed": False, "reason": str(err)}
         if int8:
-            parity["int8"] = _export_int8(profile, s, files, tmp, images, test.labels[:n], log)
+            parity["int8"] = _export_int8(profile, s, files, tmp, images, labels, log,
+                                          report=(test.images[:nt][:, None], test.labels[:nt]))
         metrics = {"site_val_scans": len(s.data["val"]), "site_test_scans": len(test)}
         rob = run / "reports" / "robustness.json"
         if rob.exists():

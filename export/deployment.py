@@ -34,6 +34,7 @@ import torch
 from training import config as cfgmod
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.federated import task
+from training.runs import write_data_record
 
 GLOBAL_FILES = ("config.toml", "server/state.json", "server/classifier.pt")
 
@@ -181,7 +182,7 @@ def site_run(state_dir: str | Path, run: str | Path, data_dir: str | Path, dest:
         raise ValueError(f"{data_dir}: classes {data.class_names}, the site trained on {list(ck['class_names'])}")
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run / "config.toml", dest / "config.toml")
-    (dest / "data.txt").write_text(f"source = {source}\nsplit_digest = {data.digest}\n")
+    write_data_record(dest, source, data.digest)
     save_checkpoint(dest / "classifier" / "best.pt", component="classifier", model=model.state_dict(),
                     config=cfgmod.to_dict(task.classifier_profile(profile)), split_digest=data.digest,
                     class_names=data.class_names, metrics=ck.get("metrics", {}),

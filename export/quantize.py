@@ -93,7 +93,7 @@ class _Eps:
 
 
 def int8_parity(sessions: dict, images: np.ndarray, labels: np.ndarray, purify_cfg, t_star: int,
-                seed: int = 0) -> dict:
+                seed: int = 0, check: bool = True) -> dict:
     """Purification with the int8 denoiser against fp32 on ``images [N, 1, S, S]``; raises ValueError past a tolerance.
 
     ``sessions`` holds ONNX Runtime sessions ``denoiser.fp32``, ``denoiser.int8``
@@ -102,7 +102,8 @@ def int8_parity(sessions: dict, images: np.ndarray, labels: np.ndarray, purify_c
     purification's own randomness, the yardstick). Reported: the mean absolute
     difference of the purified images (int8 against fp32, and another noise
     against fp32), the relative error of epsilon, prediction flips of each
-    against fp32, and the accuracy of each on ``labels``.
+    against fp32, and the accuracy of each on ``labels``. ``check=False``
+    only reports (``passed`` and ``problems`` in the record).
     """
     from runtime.pipeline import Pipeline
 
@@ -157,5 +158,7 @@ def int8_parity(sessions: dict, images: np.ndarray, labels: np.ndarray, purify_c
                         f"{res['prediction_flips_other_noise']}")
     res["passed"] = not problems
     if problems:
-        raise ValueError("int8 parity check failed: " + "; ".join(problems))
+        res["problems"] = problems
+        if check:
+            raise ValueError("int8 parity check failed: " + "; ".join(problems))
     return res

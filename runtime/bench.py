@@ -192,7 +192,7 @@ def run_bench(bundle_dir: str, traffic_path: str, *, engine: str = "ort", device
               precision: str = "fp32", threads: int = 0, batch_sizes=(1, 8, 32), traffics=("clean",),
               modes=("adaptive",), iters: int = 30, seconds: float = 0.0, warmup: int = 3, seed: int = 0,
               gpu_hour_price: float | None = None, log=print, trusted: list | None = None,
-              allow_unsigned: bool = False) -> dict:
+              allow_unsigned: bool = False, command: str = "") -> dict:
     from runtime.bundle import Bundle
     from runtime.engines import make_engine
     from runtime.pipeline import Pipeline, PurifyConfig
@@ -233,7 +233,7 @@ def run_bench(bundle_dir: str, traffic_path: str, *, engine: str = "ort", device
         "load_seconds": load_s, "memory": {"rss_before_load_mb": rss0, "rss_after_load_mb": rss_loaded,
                                             "peak_rss_mb": peak_rss_mb(), "gpu_peak_mb": _gpu_memory_mb(eng)},
         "gpu_hour_price": gpu_hour_price, "environment": fingerprint(eng, precision),
-        "command": " ".join(["runtime"] + sys.argv[1:]) if sys.argv and sys.argv[0].endswith("runtime") else "",
+        "command": command,
         "configs": configs,
     }
 

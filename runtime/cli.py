@@ -213,14 +213,129 @@ def _secret_path(args) -> Path:
     return Path(str(Path(args.bundle)).rstrip("/\\") + ".secret")
 
 
-def cmd_infer(args) -> int:
-    import json
-    import time
+class _Infer:
+    """``runtime infer``: the loaded bundle, its pipeline and secret, and the counts of what happened."""
 
-    from runtime.bundle import Bundle
-    from runtime.engines import make_engine
-    from runtime.inputs import NOT_AN_IMAGE
-    from runtime.pipeline import Pipeline, PurifyConfig, load_site_secret, scan_seed
+    def __init__(self, args):
+        import time
+
+        from runtime.bundle import Bundle
+        from runtime.engines import make_engine
+        from runtime.pipeline import Pipeline, PurifyConfig, load_site_secret
+
+        t0 = time.perf_counter()
+        self.args = args
+        self.bundle = Bundle.load(args.bundle, **_trust_args(args))
+        if self.bundle.signature.status != "verified":
+            print(f"warning: bundle {self.bundle.path} is {self.bundle.signature.describe()}", file=sys.stderr)
+        self.secret = None
+        if args.seed is None:
+            sp = _secret_path(args)
+            made = not sp.exists()
+            self.secret = load_site_secret(sp)
+            if made:
+                print(f"made the site secret {sp} (keep it; it makes every scan's noise unpredictable from outside)",
+                      file=sys.stderr)
+        m = self.bundle.manifest
+        self.draws = args.draws or int(m["purification"].get("draws", 1))
+        if not 1 <= self.draws <= 16:
+            raise ValueError(f"--draws must be in 1..16, got {self.draws}")
+        self.engine = make_engine(self.bundle, args.engine, args.device, args.precision, args.threads,
+                                  log=lambda s: print(s, file=sys.stderr))
+        self.pipe = Pipeline(self.engine, PurifyConfig.from_manifest(m), self.bundle.ood_threshold)
+        self.load_seconds = time.perf_counter() - t0
+        self.base = {"engine": args.engine, "provider": _provider(self.engine), "precision": args.precision,
+                     "bundle_signature": self.bundle.signature.record()}
+        self.counts = dict.fromkeys(("classified", "failed", "flagged", "refused", "skipped"), 0)
+
+    def skipped(self, f: Path, reason: str) -> dict:
+        """The record of an input that is not read: a non-image file found in a folder is skipped, not failed."""
+        from runtime.inputs import NOT_AN_IMAGE
+
+        not_image = reason == NOT_AN_IMAGE
+        self.counts["skipped" if not_image else "failed"] += 1
+        return {"file": str(f), "sha256": None, "skipped": not_image, "error": reason, **self.base}
+
+    def read(self, f: Path) -> tuple[np.ndarray | None, str | None, dict | None]:
+        """(the preprocessed scan, its sha256, None) or (None, sha256, the record of an error or refusal)."""
+        sha = _file_sha256(f)
+        cfg = self.bundle.preprocess_config
+        try:
+            img = read_image(f)
+            why = implausible(img, cfg)
+            x = None if why else preprocess(img, cfg)
+        except (ImageReadError, ValueError, MemoryError, OSError) as err:
+            self.counts["failed"] += 1
+            reason = err.reason if isinstance(err, ImageReadError) else (str(err) or type(err).__name__)
+            return None, sha, {"file": str(f), "sha256": sha, "error": reason, **self.base}
+        if why:  # not a head slice at all: refused before any model sees it
+            self.counts["refused"] += 1
+            return None, sha, {"file": str(f), "sha256": sha, "prediction": None, "probability": None,
+                               "probabilities": None, "refused": True, "refusal": f"{why}; no diagnosis",
+                               "ood_score": None, **self.base, "error": None}
+        if sha is None:
+            self.counts["failed"] += 1
+            return None, None, {"file": str(f), "sha256": None, "error": "cannot read file to hash it", **self.base}
+        return x, sha, None
+
+    def seeds(self, shas: list[str]) -> np.ndarray:
+        from runtime.pipeline import scan_seed
+
+        a, d = self.args, range(self.draws)
+        return np.array([[a.seed + k if self.secret is None else scan_seed(self.secret, h, k) for k in d]
+                         for h in shas], np.int64)
+
+    def classify(self, files: list[Path], xs: list[np.ndarray], shas: list[str], pre_ms: list[float]) -> list[dict]:
+        """One record per scan of a batch that went through the pipeline."""
+        seeds = self.seeds(shas)
+        res = self.pipe.run(np.stack(xs)[:, None], seed=seeds)
+        n, n_flag, tm = len(files), int(res["flagged"].sum()), res["timings"]
+        names, thr = self.bundle.class_names, self.bundle.ood_threshold
+        recs = []
+        for i, f in enumerate(files):
+            k, flagged, t_star = int(res["probs"][i].argmax()), bool(res["flagged"][i]), int(res["t_star"][i])
+            rec = {"file": str(f), "sha256": shas[i]}
+            if res["refused"][i]:
+                rec |= {"prediction": None, "probability": None, "probabilities": None, "refused": True,
+                        "refusal": f"not like the scans this site's model was trained on (out-of-distribution "
+                                   f"score {float(res['ood'][i]):.4g} > {thr:.4g}); no diagnosis"}
+            else:
+                rec |= {"prediction": names[k], "probability": round(float(res["probs"][i][k]), 6),
+                        "probabilities": {c: round(float(p), 6) for c, p in zip(names, res["probs"][i])},
+                        "refused": False}
+            rec |= {
+                "ood_score": float(res["ood"][i]), "score": float(res["scores"][i]), "flagged": flagged,
+                "t_star": t_star, "purification_steps": (self.pipe.cfg.steps or t_star) if flagged else 0,
+                "purification_draws": self.draws if flagged else 0,
+                "ms": {"preprocess": round(pre_ms[i], 3), "ood": round(1000.0 * tm["ood"] / n, 3),
+                       "detect": round(1000.0 * tm["detect"] / n, 3),
+                       "purify": round(1000.0 * tm["purify"] / n_flag, 3) if flagged else 0.0,
+                       "classify": round(1000.0 * tm["classify"] / n, 3)},
+                "seed": int(seeds[i, 0]), **({"seeds": [int(v) for v in seeds[i]]} if self.draws > 1 else {}),
+                "seed_source": "--seed" if self.secret is None else "content+secret", **self.base, "error": None,
+            }
+            recs.append(rec)
+        self.counts["classified"] += n - int(res["refused"].sum())
+        self.counts["refused"] += int(res["refused"].sum())
+        self.counts["flagged"] += n_flag
+        return recs
+
+    def summary(self) -> str:
+        import json
+
+        c = self.counts
+        parts = [f"{c['classified']} scans classified ({c['flagged']} flagged and purified)",
+                 f"{c['refused']} refused as not like the site's scans"]
+        if c["failed"]:
+            parts.append(f"{c['failed']} failed")
+        if c["skipped"]:
+            parts.append(f"{c['skipped']} non-image files skipped")
+        line = ", ".join(parts) + f"; engine {json.dumps(self.engine.describe())}; load {self.load_seconds:.1f} s"
+        return line + (f"; results in {self.args.out}" if self.args.out else "")
+
+
+def cmd_infer(args) -> int:
+    import time
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -228,121 +343,36 @@ def cmd_infer(args) -> int:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
     _check_out_file(args.out)
     files, missing = _inputs(args.inputs)
-    t_load = time.perf_counter()
-    bundle = Bundle.load(args.bundle, **_trust_args(args))
-    if bundle.signature.status != "verified":
-        print(f"warning: bundle {bundle.path} is {bundle.signature.describe()}", file=sys.stderr)
-    secret = None
-    if args.seed is None:
-        sp = _secret_path(args)
-        made = not sp.exists()
-        secret = load_site_secret(sp)
-        if made:
-            print(f"made the site secret {sp} (keep it; it makes every scan's noise unpredictable from outside)",
-                  file=sys.stderr)
-    m = bundle.manifest
-    draws = args.draws or int(m["purification"].get("draws", 1))
-    if not 1 <= draws <= 16:
-        raise ValueError(f"--draws must be in 1..16, got {draws}")
-    engine = make_engine(bundle, args.engine, args.device, args.precision, args.threads, log=lambda s: print(s, file=sys.stderr))
-    pipe = Pipeline(engine, PurifyConfig.from_manifest(m), bundle.ood_threshold)
-    t_load = time.perf_counter() - t_load
-    cfg = bundle.preprocess_config
-    names = bundle.class_names
-    provider = _provider(engine)
-    steps = pipe.cfg.steps
-    base = {"engine": args.engine, "provider": provider, "precision": args.precision,
-            "bundle_signature": bundle.signature.record()}
-    out = _Writer(args.out, names)
-    done = bad = flagged = refused = refused_pre = 0
-    total = len(files) + len(missing)
-    show = not args.quiet and total > 1
-    last_shown = time.perf_counter()
-    complete = False
-    skipped = 0
+    job = _Infer(args)
+    out = _Writer(args.out, job.bundle.class_names)
+    total, last_shown, complete = len(files) + len(missing), time.perf_counter(), False
     try:
         for f, reason in missing:
-            # a file found in a folder that is not an image is skipped (recorded, not a failure)
-            not_image = reason == NOT_AN_IMAGE
-            out.write({"file": str(f), "sha256": None, "skipped": not_image, "error": reason, **base})
-            skipped += not_image
-            bad += not not_image
+            out.write(job.skipped(f, reason))
         for start in range(0, len(files), args.batch_size):
-            chunk, xs, pre_ms, shas = [], [], [], []
+            batch: dict[str, list] = {"files": [], "xs": [], "shas": [], "pre_ms": []}
             for f in files[start : start + args.batch_size]:
                 t0 = time.perf_counter()
-                sha = _file_sha256(f)
-                try:
-                    img = read_image(f)
-                    why = implausible(img, cfg)
-                    x = None if why else preprocess(img, cfg)
-                except (ImageReadError, ValueError, MemoryError, OSError) as err:
-                    bad += 1
-                    reason = err.reason if isinstance(err, ImageReadError) else (str(err) or type(err).__name__)
-                    out.write({"file": str(f), "sha256": sha, "error": reason, **base})
-                    continue
-                if why:  # not a head slice at all: refused before any model sees it
-                    refused_pre += 1
-                    out.write({"file": str(f), "sha256": sha, "prediction": None, "probability": None,
-                               "probabilities": None, "refused": True, "refusal": f"{why}; no diagnosis",
-                               "ood_score": None, **base, "error": None})
-                    continue
-                if sha is None:
-                    bad += 1
-                    out.write({"file": str(f), "sha256": None, "error": "cannot read file to hash it", **base})
-                    continue
-                pre_ms.append(1000.0 * (time.perf_counter() - t0))
-                xs.append(x)
-                chunk.append(f)
-                shas.append(sha)
-            if xs:
-                seeds = np.array([[args.seed + d if secret is None else scan_seed(secret, h, d) for d in range(draws)]
-                                  for h in shas], np.int64)
-                res = pipe.run(np.stack(xs)[:, None], seed=seeds)
-                n, n_flag = len(chunk), int(res["flagged"].sum())
-                tm = res["timings"]
-                for i, f in enumerate(chunk):
-                    k = int(res["probs"][i].argmax())
-                    is_flagged = bool(res["flagged"][i])
-                    is_refused = bool(res["refused"][i])
-                    t_star = int(res["t_star"][i])
-                    rec = {"file": str(f), "sha256": shas[i]}
-                    if is_refused:
-                        rec |= {"prediction": None, "probability": None, "probabilities": None, "refused": True,
-                                "refusal": f"not like the scans this site's model was trained on (out-of-distribution "
-                                           f"score {float(res['ood'][i]):.4g} > {bundle.ood_threshold:.4g}); no diagnosis"}
-                    else:
-                        rec |= {"prediction": names[k], "probability": round(float(res["probs"][i][k]), 6),
-                                "probabilities": {c: round(float(p), 6) for c, p in zip(names, res["probs"][i])},
-                                "refused": False}
-                    rec |= {
-                        "ood_score": float(res["ood"][i]),
-                        "score": float(res["scores"][i]), "flagged": is_flagged, "t_star": t_star,
-                        "purification_steps": (steps or t_star) if is_flagged else 0,
-                        "purification_draws": draws if is_flagged else 0,
-                        "ms": {"preprocess": round(pre_ms[i], 3), "ood": round(1000.0 * tm["ood"] / n, 3),
-                               "detect": round(1000.0 * tm["detect"] / n, 3),
-                               "purify": round(1000.0 * tm["purify"] / n_flag, 3) if is_flagged else 0.0,
-                               "classify": round(1000.0 * tm["classify"] / n, 3)},
-                        "seed": int(seeds[i, 0]), **({"seeds": [int(v) for v in seeds[i]]} if draws > 1 else {}),
-                        "seed_source": "--seed" if secret is None else "content+secret",
-                        **base, "error": None,
-                    }
+                x, sha, rec = job.read(f)
+                if rec is not None:
                     out.write(rec)
-                done += n
-                flagged += n_flag
-                refused += int(res["refused"].sum())
+                    continue
+                for k, v in zip(("files", "xs", "shas", "pre_ms"), (f, x, sha, 1000.0 * (time.perf_counter() - t0))):
+                    batch[k].append(v)
+            if batch["xs"]:
+                for rec in job.classify(**batch):
+                    out.write(rec)
             out.flush()
-            if show and (time.perf_counter() - last_shown > 2.0 or start + args.batch_size >= len(files)):
+            if not args.quiet and total > 1 and (time.perf_counter() - last_shown > 2.0
+                                                 or start + args.batch_size >= len(files)):
                 last_shown = time.perf_counter()
-                print(f"  {done + bad + skipped + refused_pre}/{total} inputs ({bad} failed)", file=sys.stderr)
+                print(f"  {min(total, len(missing) + start + args.batch_size)}/{total} inputs "
+                      f"({job.counts['failed']} failed)", file=sys.stderr)
         complete = True
     finally:
         out.close(complete)
-    print(f"{done - refused} scans classified ({flagged} flagged and purified), {refused + refused_pre} refused as not like the "
-          f"site's scans{f', {bad} failed' if bad else ''}{f', {skipped} non-image files skipped' if skipped else ''}; engine {json.dumps(engine.describe())}; load {t_load:.1f} s"
-          + (f"; results in {args.out}" if args.out else ""), file=sys.stderr)
-    return 3 if bad else 0
+    print(job.summary(), file=sys.stderr)
+    return 3 if job.counts["failed"] else 0
 
 
 def cmd_info(args) -> int:
@@ -494,7 +524,8 @@ def cmd_bench(args) -> int:
                   threads=args.threads, batch_sizes=sizes, traffics=[t for t in args.traffic.split(",") if t],
                   modes=[m for m in args.mode.split(",") if m], iters=args.iters, seconds=args.seconds,
                   warmup=args.warmup, seed=args.seed, gpu_hour_price=args.gpu_hour_price,
-                  log=(lambda *_: None) if args.quiet else (lambda s: print(s, file=sys.stderr)))
+                  log=(lambda *_: None) if args.quiet else (lambda s: print(s, file=sys.stderr)),
+                  command=args.command_line)
     out = write_reports(r, args.out)
     print(f"wrote {out}/bench.json, bench.md and bench.html")
     return 0
@@ -601,7 +632,9 @@ def _os_message(err: OSError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.command_line = " ".join(["runtime", *argv])
     try:
         return args.func(args)
     except (ImageReadError, ValueError, RuntimeError) as err:

@@ -5,11 +5,16 @@ from __future__ import annotations
 import numpy as np
 
 from runtime.bundle import Bundle, BundleError
-from runtime.engines import GRAPHS, EngineError
+from runtime.engines import FP32_GRAPHS, GRAPHS, EngineError
 
 
 class TorchEngine:
-    """The PyTorch reference: the bundle's ``*.pt2`` graphs (``torch.export``), no training code needed."""
+    """The PyTorch reference: the bundle's ``*.pt2`` graphs (``torch.export``), no training code needed.
+
+    With ``precision="fp16"`` the classifier and the denoiser run in float16;
+    the detector and the ood graph (``FP32_GRAPHS``) stay float32, as in the
+    exported fp16 bundle and the other engines.
+    """
 
     def __init__(self, bundle: Bundle, device: str = "cpu", precision: str = "fp32"):
         try:
@@ -19,21 +24,20 @@ class TorchEngine:
         if device == "cuda" and not torch.cuda.is_available():
             raise EngineError("--device cuda: torch sees no CUDA device")
         self.torch, self.device = torch, torch.device(device)
-        self.dtype = torch.float16 if precision == "fp16" else torch.float32
+        self.dtype = torch.float16 if precision == "fp16" else torch.float32  # the classifier's and the denoiser's
+        self.dtypes = {g: torch.float32 if g in FP32_GRAPHS else self.dtype for g in GRAPHS}
         self.graphs = {}
         for g in GRAPHS:
             name = f"{g}.pt2"
             if name not in bundle.manifest["files"]:
                 raise BundleError(f"{bundle.path}: the bundle has no {name} for the torch engine")
-            dtype = torch.float32 if g == "ood" else self.dtype  # its threshold was set on fp32 scores
-            self.graphs[g] = torch.export.load(str(bundle.path / name)).module().to(self.device, dtype)
+            self.graphs[g] = torch.export.load(str(bundle.path / name)).module().to(self.device, self.dtypes[g])
         self.precision = precision
 
     def _run(self, g: str, *arrays: np.ndarray) -> np.ndarray:
         torch = self.torch
-        dtype = torch.float32 if g == "ood" else self.dtype
         with torch.inference_mode():
-            args = [torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dtype) for a in arrays]
+            args = [torch.from_numpy(np.ascontiguousarray(a)).to(self.device, self.dtypes[g]) for a in arrays]
             return self.graphs[g](*args).float().cpu().numpy()
 
     def classify(self, x):
@@ -49,4 +53,5 @@ class TorchEngine:
         return self._run("ood", x)
 
     def describe(self) -> dict:
-        return {"engine": "torch", "torch": self.torch.__version__, "device": str(self.device), "precision": self.precision}
+        return {"engine": "torch", "torch": self.torch.__version__, "device": str(self.device), "precision": self.precision,
+                "graph_precision": {g: "fp32" if d == self.torch.float32 else "fp16" for g, d in self.dtypes.items()}}

@@ -357,7 +357,7 @@ def test_sites_over_tls_with_registered_supernodes_only(tmp_path):
 
     bundle = tmp_path / site / "bundle"
     res = site_command("-m", "export", "--site-state", str(sites[site]), "--global", str(global_copy),
-                       "--data-dir", str(tmp_path / site / "scans"), "--out", str(bundle))
+                       "--data-dir", str(tmp_path / site / "scans"), "--out", str(bundle), "--no-int8")
     assert res.returncode == 0, f"the site's export failed:\n{res.stdout}\n{res.stderr}"
     key = tmp_path / site / "medfedpure-home" / "signing" / "ed25519.pub"
     res = site_command("-m", "runtime.cli", "info", "--bundle", str(bundle), "--trusted-key", str(key), timeout=120)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from training import __version__
+from training.config import UsageError
 
 
 def code_revision() -> str:
@@ -46,4 +47,4 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # a truncated or foreign file
-        raise ValueError(f"{path}: not a readable checkpoint ({err})") from err
+        raise UsageError(f"{path}: not a readable checkpoint ({err})") from err

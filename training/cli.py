@@ -6,10 +6,13 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import get_type_hints
 
 from runtime.imageio import ImageReadError
 from training import config as cfgmod
+from training.runs import write_data_record
 
 
 def _profile(args) -> cfgmod.Profile:
@@ -24,18 +27,92 @@ def _no_cache(args) -> None:
         os.environ["MEDFEDPURE_NO_CACHE"] = "1"
 
 
-FED_FLAGS = {  # command-line flag -> FederatedConfig field
-    "method": "method", "sites": "sites", "rounds": "rounds", "local_epochs": "local_epochs",
-    "defense_rounds": "defense_rounds", "defense_local_epochs": "defense_local_epochs", "partition": "partition",
-    "proximal_mu": "proximal_mu", "adv_fraction": "adv_fraction", "purify_fraction": "purify_fraction", "eval_every": "eval_every", "eval_max": "eval_max",
-    "aggregation": "aggregation", "byzantine": "byzantine", "trim_beta": "trim_beta", "root_size": "root_size",
-    "poison": "poison", "malicious_fraction": "malicious_fraction", "poison_scale": "poison_scale",
-    "dp_clip": "dp_clip", "dp_sigma": "dp_sigma", "dp_weight_sigma": "dp_weight_sigma", "dp_delta": "dp_delta",
-    "server_opt": "server_opt", "server_lr": "server_lr", "server_momentum": "server_momentum",
+@dataclass(frozen=True)
+class FedFlag:
+    """The command-line flag of one ``FederatedConfig`` field (``--field-name``; its type is the field's)."""
+
+    help: str
+    group: str = "federated"  # "federated" | "defenses": the argument group it is listed in
+    choices: tuple[str, ...] | None = None
+
+
+FED_FLAGS: dict[str, FedFlag] = {  # every scalar FederatedConfig field, in the order of --help
+    "method": FedFlag("federated method", choices=cfgmod.METHODS),
+    "sites": FedFlag("number of sites (simulated, or the registered sites the server waits for every round)"),
+    "rounds": FedFlag("rounds of the classifier phase"),
+    "local_epochs": FedFlag("local epochs per round (classifier)"),
+    "defense_rounds": FedFlag("rounds of the denoiser and detector phases (default: --rounds)"),
+    "defense_local_epochs": FedFlag("their local epochs (default: --local-epochs)"),
+    "partition": FedFlag("simulation: iid | dirichlet:ALPHA | quantity:ALPHA | profile"),
+    "fedbn": FedFlag("keep batch-norm statistics and affine parameters at the sites"),
+    "proximal_mu": FedFlag("FedProx term mu/2 ||w - w_global||^2 in every local objective"),
+    "adv_fraction": FedFlag("fraction of each batch trained adversarially (fat, pfeddef; medfedpure with "
+                            "--purify-fraction)"),
+    "purify_train": FedFlag("medfedpure: purify flagged training scans (Alg. 3)"),
+    "purify_fraction": FedFlag("medfedpure: fraction of each batch purified (purification-consistent training)"),
+    "eval_every": FedFlag("evaluate every N rounds"),
+    "eval_max": FedFlag("at most N test scans per site in per-round evaluation (0: all)"),
+    "aggregation": FedFlag("how the server combines the classifier updates", "defenses", cfgmod.AGGREGATIONS),
+    "byzantine": FedFlag("malicious sites Krum/MultiKrum/Bulyan assume (-1: ceil(0.4 n), within limits)", "defenses"),
+    "trim_beta": FedFlag("trimmed mean: fraction cut at each end", "defenses"),
+    "root_size": FedFlag("FLTrust/OptiGradTrust: clean training scans the server holds", "defenses"),
+    "poison": FedFlag("experiments: what the malicious sites do", "defenses", cfgmod.POISONS),
+    "malicious_fraction": FedFlag("experiments: fraction of malicious sites", "defenses"),
+    "poison_scale": FedFlag("lambda of the scaling attacks", "defenses"),
+    "dp_clip": FedFlag("Fed-Safe: clip every site's update to this L2 norm", "defenses"),
+    "dp_sigma": FedFlag("Fed-Safe: noise multiplier (noise std = sigma * clip)", "defenses"),
+    "dp_weight_sigma": FedFlag("Fed-Safe: noise std on the weights a site receives", "defenses"),
+    "dp_delta": FedFlag("delta of the reported epsilon", "defenses"),
+    "feature_skew": FedFlag("simulation: each site's scans re-acquired by its own scanner profile (A-D)", "defenses"),
+    "server_opt": FedFlag("classifier phase: how the server applies the averaged update (Flower's FedAvgM, FedAdam, "
+                          "FedYogi; default fedavg)", choices=cfgmod.SERVER_OPTS),
+    "server_lr": FedFlag("server step size of --server-opt"),
+    "server_momentum": FedFlag("server momentum (FedAvgM) or beta_1 (FedAdam, FedYogi)"),
 }
 
 
+def add_federated_flags(federated: argparse._ArgumentGroup, defenses: argparse._ArgumentGroup) -> None:
+    """Add one flag per ``FED_FLAGS`` entry to its group; a flag left out is ``None`` (the profile's value stays)."""
+    types = get_type_hints(cfgmod.FederatedConfig)
+    groups = {"federated": federated, "defenses": defenses}
+    for name, flag in FED_FLAGS.items():
+        group, option = groups[flag.group], "--" + name.replace("_", "-")
+        if types[name] is bool:
+            group.add_argument(option, action="store_true", default=None, help=flag.help)
+        else:
+            group.add_argument(option, type=types[name], choices=flag.choices, help=flag.help)
+
+
+def federated_overrides(args) -> dict:
+    """The ``FederatedConfig`` fields the command line sets (``resolve(profile, {"federated": ...})``)."""
+    return {name: getattr(args, name) for name in FED_FLAGS if getattr(args, name) is not None}
+
+
+CENTRAL_ONLY = ("component", "epochs", "skip_bad")
+SIMULATION_ONLY = ("threads_per_site", "parallel_sites", "backend")
+
+
+def _given(args, names) -> list[str]:
+    """The flags among ``names`` that are on the command line (their defaults are None or False)."""
+    return ["--" + n.replace("_", "-") for n in names if getattr(args, n) is not None and getattr(args, n) is not False]
+
+
+def _check_mode(args) -> None:
+    """Refuse the flags that do not apply to the mode ``--method`` picks (central or federated training)."""
+    if args.method is None:
+        wrong = _given(args, (*FED_FLAGS, *SIMULATION_ONLY))
+        if wrong:
+            raise cfgmod.UsageError(f"{', '.join(wrong)} appl{'ies' if len(wrong) == 1 else 'y'} only to federated "
+                                    f"training (--method {'|'.join(cfgmod.METHODS)})")
+    else:
+        wrong = _given(args, CENTRAL_ONLY)
+        if wrong:
+            raise cfgmod.UsageError(f"{', '.join(wrong)} do{'es' if len(wrong) == 1 else ''} not apply to federated "
+                                    "training; use --rounds/--local-epochs (every phase is trained in turn)")
+
+
 def cmd_train(args) -> int:
+    _check_mode(args)
     if args.method is not None:
         return cmd_federated(args)
     from training.data.datasets import load_dataset
@@ -50,11 +127,10 @@ def cmd_train(args) -> int:
     cfg_file = out / "config.toml"
     text = cfgmod.dump_toml(profile)
     if cfg_file.exists() and cfgmod.load_toml(cfg_file) != profile and not args.no_resume:
-        print(f"error: {cfg_file} holds another configuration; use a new --out or --no-resume", file=sys.stderr)
-        return 2
+        raise cfgmod.UsageError(f"{cfg_file} holds another configuration; use a new --out or --no-resume")
     cfg_file.write_text(text)
-    (out / "data.txt").write_text(f"source = {args.data}\nsplit_digest = {data.digest}\n")
-    components = cfgmod.COMPONENTS if args.component == "all" else (args.component,)
+    write_data_record(out, args.data, data.digest)
+    components = cfgmod.COMPONENTS if args.component in (None, "all") else (args.component,)
     for comp in components:
         t0 = time.perf_counter()
         train_component(comp, profile, data, out, epochs=args.epochs, resume=not args.no_resume, progress=not args.quiet)
@@ -63,21 +139,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_federated(args) -> int:
-    from training.data.partition import parse_scheme
     from training.federated.run import run_federated
 
     _no_cache(args)
-    profile = _profile(args)
-    fed = {field: getattr(args, flag) for flag, field in FED_FLAGS.items() if getattr(args, flag) is not None}
-    for flag in ("fedbn", "purify_train", "feature_skew"):
-        if getattr(args, flag):
-            fed[flag] = True
-    if "partition" in fed:
-        parse_scheme(fed["partition"])
-    profile = cfgmod.resolve(profile, {"federated": fed})
+    profile = cfgmod.resolve(_profile(args), {"federated": federated_overrides(args)})
     summary = run_federated(profile, args.data, args.out, resume=not args.no_resume,
-                            threads_per_site=args.threads_per_site, parallel_sites=args.parallel_sites,
-                            backend=args.backend)
+                            threads_per_site=1 if args.threads_per_site is None else args.threads_per_site,
+                            parallel_sites=args.parallel_sites, backend=args.backend or "ray")
     print(f"\n{summary['method']}: mean clean accuracy {summary['mean_clean_acc']:.4f}, "
           f"mean PGD accuracy {summary['mean_pgd_acc']:.4f} over {summary['sites']} sites -> {args.out}/summary.md")
     return 0
@@ -96,7 +164,8 @@ def cmd_report(args) -> int:
     from training.report import write_report
 
     _no_cache(args)
-    md = write_report(args.run, args.data, out_dir=args.out, progress=not args.quiet, quick=args.quick)
+    md = write_report(args.run, args.data, out_dir=args.out, progress=not args.quiet, quick=args.quick,
+                      command=args.command_line)
     print(f"report written: {md}")
     return 0
 
@@ -134,7 +203,8 @@ def cmd_evaluate(args) -> int:
         print(f"wrote {args.run}/reports/sweep{'-' + args.tag if args.tag else ''}.md")
         if args.sweep_only:
             return 0
-    report = evaluate_run(args.run, threats, max_scans=args.max_scans, adaptive_max=args.adaptive_max,
+    report = evaluate_run(args.run, threats, command=args.command_line, max_scans=args.max_scans,
+                          adaptive_max=args.adaptive_max,
                           adaptive=adaptive, seed=args.seed, source=args.data, defense=defense, tag=args.tag)
     print(f"\nwrote {args.run}/reports/{report['files'][0]}")
     for k, v in report["mean"].items():
@@ -157,7 +227,7 @@ def cmd_plot(args) -> int:
             raise FileNotFoundError(f"{r}: no federated metrics (metrics/rounds.jsonl) in this folder")
     out = convergence_plot(args.runs, args.out)
     if out is None:
-        raise ValueError("none of the runs has a classifier evaluation yet")
+        raise cfgmod.UsageError("none of the runs has a classifier evaluation yet")
     print(f"wrote {out} (and {out.with_suffix('.json').name})")
     return 0
 
@@ -168,12 +238,16 @@ def cmd_demo(args) -> int:
     return run_demo(args.out, profile=args.profile, n=args.n, resume=args.resume)
 
 
+DEBUG_HELP = "show the traceback of every error, a mistake in the command line or settings too"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a component (centrally) on a data set")
-    t.add_argument("--component", choices=(*cfgmod.COMPONENTS, "all"), default="all")
+    t.add_argument("--component", choices=(*cfgmod.COMPONENTS, "all"), help="component to train (default: all)")
     t.add_argument("--profile", choices=sorted(cfgmod.PROFILES), default="edge")
     t.add_argument("--config", help="TOML file of overrides (see training/config.py)")
     t.add_argument("--data", default="synth", help="folder (Br35H with split.csv, or class-per-folder) or synth[:N]")
@@ -183,45 +257,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--skip-bad", action="store_true", help="skip unreadable images (they are listed) instead of stopping")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.add_argument("--no-cache", action="store_true", help="do not read or write the preprocessed-scan cache (~/.cache/medfedpure)")
-    f = t.add_argument_group("federated training (any of these flags, with --method, runs a Flower simulation)")
-    f.add_argument("--method", choices=cfgmod.METHODS, help="federated method; leave out for centralised training")
-    f.add_argument("--sites", type=int, help="number of simulated sites")
-    f.add_argument("--rounds", type=int, help="rounds of the classifier phase")
-    f.add_argument("--local-epochs", type=int, help="local epochs per round (classifier)")
-    f.add_argument("--defense-rounds", type=int, help="rounds of the denoiser and detector phases (default: --rounds)")
-    f.add_argument("--defense-local-epochs", type=int, help="their local epochs (default: --local-epochs)")
-    f.add_argument("--partition", help="iid | dirichlet:ALPHA | quantity:ALPHA | profile")
-    f.add_argument("--fedbn", action="store_true", help="keep batch-norm statistics and affine parameters at the sites")
-    f.add_argument("--proximal-mu", type=float, help="FedProx term mu/2 ||w - w_global||^2 in every local objective")
-    f.add_argument("--adv-fraction", type=float, help="fraction of each batch trained adversarially "
-                   "(fat, pfeddef; medfedpure with --purify-fraction)")
-    f.add_argument("--purify-fraction", type=float, help="medfedpure: fraction of each batch purified "
-                   "(purification-consistent training)")
-    f.add_argument("--purify-train", action="store_true", help="medfedpure: purify flagged training scans (Alg. 3)")
-    f.add_argument("--eval-every", type=int, help="evaluate every N rounds")
-    f.add_argument("--eval-max", type=int, help="at most N test scans per site in per-round evaluation (0: all)")
+    f = t.add_argument_group("federated training (--method runs a Flower simulation; leave it out for centralised "
+                             "training)")
     g = t.add_argument_group("training-time defenses (docs/training-defenses.md)")
-    g.add_argument("--aggregation", choices=cfgmod.AGGREGATIONS, help="how the server combines the classifier updates")
-    g.add_argument("--byzantine", type=int, help="malicious sites Krum/MultiKrum/Bulyan assume (-1: ceil(0.4 n), within limits)")
-    g.add_argument("--trim-beta", type=float, help="trimmed mean: fraction cut at each end")
-    g.add_argument("--root-size", type=int, help="FLTrust/OptiGradTrust: clean training scans the server holds")
-    g.add_argument("--poison", choices=cfgmod.POISONS, help="experiments: what the malicious sites do")
-    g.add_argument("--malicious-fraction", type=float, help="experiments: fraction of malicious sites")
-    g.add_argument("--poison-scale", type=float, help="lambda of the scaling attacks")
-    g.add_argument("--dp-clip", type=float, help="Fed-Safe: clip every site's update to this L2 norm")
-    g.add_argument("--dp-sigma", type=float, help="Fed-Safe: noise multiplier (noise std = sigma * clip)")
-    g.add_argument("--dp-weight-sigma", type=float, help="Fed-Safe: noise std on the weights a site receives")
-    g.add_argument("--dp-delta", type=float, help="delta of the reported epsilon")
-    g.add_argument("--feature-skew", action="store_true", help="simulation: each site's scans re-acquired by its own "
-                   "scanner profile (A-D)")
-    f.add_argument("--server-opt", choices=cfgmod.SERVER_OPTS, help="classifier phase: how the server applies the "
-                   "averaged update (Flower's FedAvgM, FedAdam, FedYogi; default fedavg)")
-    f.add_argument("--server-lr", type=float, help="server step size of --server-opt")
-    f.add_argument("--server-momentum", type=float, help="server momentum (FedAvgM) or beta_1 (FedAdam, FedYogi)")
-    f.add_argument("--threads-per-site", type=int, default=1, help="torch threads per simulated site")
+    add_federated_flags(f, g)
+    f.add_argument("--threads-per-site", type=int, help="torch threads per simulated site (default 1)")
     f.add_argument("--parallel-sites", type=int, help="sites trained at the same time (default: cores / threads)")
-    f.add_argument("--backend", choices=("ray", "inprocess"), default="ray",
-                   help="simulation engine: ray (sites in parallel) or inprocess (one at a time, no Ray start-up)")
+    f.add_argument("--backend", choices=("ray", "inprocess"),
+                   help="simulation engine: ray (sites in parallel, the default) or inprocess (one at a time, "
+                        "no Ray start-up)")
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("synth", help="write synthetic brain-MRI phantoms as PNG (class-per-folder)")
@@ -305,14 +349,24 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n", type=int, default=1200, help="number of phantoms")
     d.add_argument("--resume", action="store_true", help="continue an interrupted demo instead of starting over")
     d.set_defaults(func=cmd_demo)
+
+    for command in sub.choices.values():  # --debug before or after the command
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return p
 
 
+USER_ERRORS = (cfgmod.UsageError, FileNotFoundError, ImageReadError)  # one line, exit 2 (--debug: the traceback)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.command_line = " ".join(["python -m training", *argv])  # recorded in the reports
     try:
         return args.func(args)
-    except (ImageReadError, FileNotFoundError, ValueError, RuntimeError) as err:
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -24,6 +24,11 @@ from typing import Any
 import tomllib
 
 from runtime.preprocess import PreprocessConfig
+from training.data.partition import parse_scheme
+
+
+class UsageError(ValueError):
+    """A mistake in what the user asked for (a flag, a setting, a path): reported in one line, not a traceback."""
 
 
 @dataclass(frozen=True)
@@ -75,11 +80,11 @@ class ClassifierConfig:
 
     def __post_init__(self):
         if self.norm not in ("batch", "group"):
-            raise ValueError(f"classifier norm must be 'batch' or 'group', got {self.norm!r}")
+            raise UsageError(f"classifier norm must be 'batch' or 'group', got {self.norm!r}")
         if self.norm_groups < 1:
-            raise ValueError(f"classifier norm_groups must be >= 1, got {self.norm_groups}")
+            raise UsageError(f"classifier norm_groups must be >= 1, got {self.norm_groups}")
         if self.logit_adjust < 0:
-            raise ValueError(f"classifier logit_adjust must be >= 0, got {self.logit_adjust}")
+            raise UsageError(f"classifier logit_adjust must be >= 0, got {self.logit_adjust}")
 
 
 @dataclass(frozen=True)
@@ -134,9 +139,9 @@ class AttackConfig:
 
     def __post_init__(self):
         if self.norm not in ("linf", "l2"):
-            raise ValueError(f"attack norm must be 'linf' or 'l2', got {self.norm!r}")
+            raise UsageError(f"attack norm must be 'linf' or 'l2', got {self.norm!r}")
         if self.eps < 0 or self.step < 0 or self.steps < 0:
-            raise ValueError("attack eps, step and steps must be non-negative")
+            raise UsageError("attack eps, step and steps must be non-negative")
 
     def describe(self) -> str:
         return f"PGD-{self.norm} eps={self.eps} step={self.step} steps={self.steps} random_start={self.random_start}"
@@ -181,19 +186,19 @@ class DefenseConfig:
 
     def __post_init__(self):
         if self.rule not in ("tau", "kappa"):
-            raise ValueError(f"defense rule must be 'tau' or 'kappa', got {self.rule!r}")
+            raise UsageError(f"defense rule must be 'tau' or 'kappa', got {self.rule!r}")
         if self.score not in ("floor", "mae"):
-            raise ValueError(f"defense score must be 'floor' or 'mae', got {self.score!r}")
+            raise UsageError(f"defense score must be 'floor' or 'mae', got {self.score!r}")
         if not 0.0 < self.floor_fraction <= 1.0:
-            raise ValueError(f"defense floor_fraction must be in (0, 1], got {self.floor_fraction}")
+            raise UsageError(f"defense floor_fraction must be in (0, 1], got {self.floor_fraction}")
         if not 0.0 <= self.kappa <= 1.0:
-            raise ValueError(f"defense kappa must be in [0, 1], got {self.kappa}")
+            raise UsageError(f"defense kappa must be in [0, 1], got {self.kappa}")
         if not 0.0 < self.flag_rate < 1.0:
-            raise ValueError(f"defense flag_rate must be in (0, 1), got {self.flag_rate}")
+            raise UsageError(f"defense flag_rate must be in (0, 1), got {self.flag_rate}")
         if not 1 <= self.t_min <= self.t_max:
-            raise ValueError(f"defense needs 1 <= t_min <= t_max, got {self.t_min}, {self.t_max}")
+            raise UsageError(f"defense needs 1 <= t_min <= t_max, got {self.t_min}, {self.t_max}")
         if self.ref_ratio <= 1.0 or self.quantum < 1 or self.steps < 0:
-            raise ValueError("defense needs ref_ratio > 1, quantum >= 1, steps >= 0")
+            raise UsageError("defense needs ref_ratio > 1, quantum >= 1, steps >= 0")
 
 
 METHODS = ("local", "fedavg", "fat", "pfeddef", "medfedpure")
@@ -284,36 +289,40 @@ class FederatedConfig:
 
     def __post_init__(self):
         if self.server_opt not in SERVER_OPTS:
-            raise ValueError(f"unknown server optimizer {self.server_opt!r}; choose one of {SERVER_OPTS}")
+            raise UsageError(f"unknown server optimizer {self.server_opt!r}; choose one of {SERVER_OPTS}")
         if self.server_opt != "fedavg" and self.aggregation != "fedavg":
-            raise ValueError(f"server_opt {self.server_opt!r} applies to the fedavg aggregation only, "
+            raise UsageError(f"server_opt {self.server_opt!r} applies to the fedavg aggregation only, "
                              f"not {self.aggregation!r}")
         if self.server_lr <= 0 or not 0.0 <= self.server_momentum < 1.0:
-            raise ValueError("server_lr must be > 0 and server_momentum in [0, 1)")
+            raise UsageError("server_lr must be > 0 and server_momentum in [0, 1)")
         if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"unknown aggregation {self.aggregation!r}; choose one of {AGGREGATIONS}")
+            raise UsageError(f"unknown aggregation {self.aggregation!r}; choose one of {AGGREGATIONS}")
         if self.poison not in POISONS:
-            raise ValueError(f"unknown poisoning {self.poison!r}; choose one of {POISONS}")
+            raise UsageError(f"unknown poisoning {self.poison!r}; choose one of {POISONS}")
         if not 0.0 <= self.malicious_fraction < 1.0:
-            raise ValueError(f"malicious_fraction must be in [0, 1), got {self.malicious_fraction}")
+            raise UsageError(f"malicious_fraction must be in [0, 1), got {self.malicious_fraction}")
         if not 0.0 <= self.trim_beta < 0.5:
-            raise ValueError(f"trim_beta must be in [0, 0.5), got {self.trim_beta}")
+            raise UsageError(f"trim_beta must be in [0, 0.5), got {self.trim_beta}")
         if self.dp_clip < 0 or self.dp_sigma < 0 or self.dp_weight_sigma < 0:
-            raise ValueError("dp_clip, dp_sigma and dp_weight_sigma must be non-negative")
+            raise UsageError("dp_clip, dp_sigma and dp_weight_sigma must be non-negative")
         if self.dp_sigma > 0 and self.dp_clip <= 0:
-            raise ValueError("dp_sigma needs dp_clip > 0 (the noise is sigma * clip)")
+            raise UsageError("dp_sigma needs dp_clip > 0 (the noise is sigma * clip)")
         if not 0.0 < self.dp_delta < 1.0:
-            raise ValueError(f"dp_delta must be in (0, 1), got {self.dp_delta}")
+            raise UsageError(f"dp_delta must be in (0, 1), got {self.dp_delta}")
         if self.root_size < 1:
-            raise ValueError("root_size must be >= 1")
+            raise UsageError("root_size must be >= 1")
         if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+            raise UsageError(f"unknown method {self.method!r}; choose one of {METHODS}")
         if self.sites < 1 or self.rounds < 1 or self.local_epochs < 1:
-            raise ValueError("sites, rounds and local_epochs must be >= 1")
+            raise UsageError("sites, rounds and local_epochs must be >= 1")
         if not 0.0 <= self.adv_fraction <= 1.0:
-            raise ValueError(f"adv_fraction must be in [0, 1], got {self.adv_fraction}")
+            raise UsageError(f"adv_fraction must be in [0, 1], got {self.adv_fraction}")
         if not 0.0 <= self.purify_fraction <= 1.0:
-            raise ValueError(f"purify_fraction must be in [0, 1], got {self.purify_fraction}")
+            raise UsageError(f"purify_fraction must be in [0, 1], got {self.purify_fraction}")
+        try:
+            parse_scheme(self.partition)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
 
     @property
     def phase_rounds(self) -> dict[str, int]:
@@ -434,7 +443,7 @@ def get_profile(name: str) -> Profile:
     try:
         return PROFILES[name]
     except KeyError:
-        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}") from None
+        raise UsageError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}") from None
 
 
 # --------------------------------------------------------------------------- overrides
@@ -446,11 +455,11 @@ def _override(obj: Any, values: dict, where: str) -> Any:
     changes = {}
     for key, value in values.items():
         if key not in known:
-            raise ValueError(f"unknown setting {where}{key!r}; known: {sorted(known)}")
+            raise UsageError(f"unknown setting {where}{key!r}; known: {sorted(known)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ValueError(f"{where}{key} must be a table")
+                raise UsageError(f"{where}{key} must be a table")
             changes[key] = _override(current, value, f"{where}{key}.")
         elif isinstance(current, tuple) and isinstance(value, list):
             changes[key] = tuple(value)
@@ -472,7 +481,10 @@ def resolve(profile: str | Profile = "edge", overrides: dict | None = None) -> P
 def load_toml(path: str | Path, profile: str | None = None) -> Profile:
     """Read a TOML file of overrides (``profile = "edge"`` picks the base)."""
     with open(path, "rb") as fh:
-        data = tomllib.load(fh)
+        try:
+            data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as err:
+            raise UsageError(f"{path}: not valid TOML ({err})") from None
     if profile is not None and "profile" not in data:
         data["profile"] = profile
     return resolve(data.pop("profile", "edge"), data)
@@ -535,12 +547,12 @@ def defense_overrides(items: list[str] | None) -> dict[str, Any]:
             key, sep, value = part.partition("=")
             key = key.strip().replace("-", "_")
             if not sep or key not in types:
-                raise ValueError(f"--defense takes KEY=VALUE with KEY one of {sorted(types)}; got {part!r}")
+                raise UsageError(f"--defense takes KEY=VALUE with KEY one of {sorted(types)}; got {part!r}")
             kind = {"int": int, "float": float, "str": str}[types[key] if isinstance(types[key], str) else types[key].__name__]
             try:
                 out[key] = kind(value.strip())
             except ValueError:
-                raise ValueError(f"--defense {key} needs a {kind.__name__}, got {value!r}") from None
+                raise UsageError(f"--defense {key} needs a {kind.__name__}, got {value!r}") from None
     DefenseConfig(**out)  # validate the values on their own
     return out
 

@@ -24,82 +24,22 @@ from __future__ import annotations
 
 import json
 import platform
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from training import config as cfgmod
 from training.attacks.adaptive import AdaptiveConfig, adaptive_pgd
 from training.attacks.pgd import PAPER_L2, PAPER_LINF, pgd
-from training.checkpoint import load_checkpoint
 from training.data.datasets import Split
 from training.defense import DefensePipeline, run_batched
-from training.federated import task
 from training.metrics import balanced_accuracy, positive_class, roc_auc, roc_curve, sensitivity
-from training.models import create_model
+from training.runs import Site, load_sites, read_source  # noqa: F401  (Site and load_sites: opened here too)
 
 THREATS = ("paper", "adaptive", "transfer")
-
-
-@dataclass
-class Site:
-    site: int
-    classifier: nn.Module
-    data: task.SiteData
-    pipe: DefensePipeline | None = None
-
-
-def _read_source(run: Path) -> str:
-    lines = dict(line.split(" = ", 1) for line in (run / "data.txt").read_text().splitlines() if " = " in line)
-    return lines["source"]
-
-
-def _load_model(path: Path, component: str) -> nn.Module:
-    ck = load_checkpoint(path)
-    model = create_model(component, cfgmod.from_dict(ck["config"]))
-    model.load_state_dict(ck["model"])
-    return model.eval()
-
-
-def load_sites(run: str | Path, source: str | None = None,
-               defense: dict | None = None) -> tuple[cfgmod.Profile, list[Site], dict]:
-    """The run's profile, its sites (classifier, data, pipeline) and a description.
-
-    ``defense`` overrides the run's defense settings (score, flag rate, t*
-    range, purification steps): the trained models are the same, only the
-    way the scanner-side pipeline uses them changes.
-    """
-    run = Path(run)
-    if not (run / "config.toml").exists():
-        raise FileNotFoundError(f"{run}: not a run folder (no config.toml)")
-    profile = cfgmod.with_defense(cfgmod.load_toml(run / "config.toml"), defense)
-    source = source or _read_source(run)
-    federated = (run / "sites").is_dir()
-    detector = denoiser = None
-    if (run / "denoiser" / "best.pt").exists() and (not federated or profile.federated.method == "medfedpure"):
-        denoiser = _load_model(run / "denoiser" / "best.pt", "denoiser")
-        if (run / "detector" / "best.pt").exists():  # a run whose score is the noise floor may have no MAE
-            detector = _load_model(run / "detector" / "best.pt", "detector")
-    sites: list[Site] = []
-    if federated:
-        n = profile.federated.sites
-        for k in range(n):
-            f = run / "sites" / f"site-{k}" / "classifier.pt"
-            if not f.exists():
-                raise FileNotFoundError(f"{f} is missing: has the federated run finished?")
-            sites.append(Site(k, _load_model(f, "classifier"), task.site_data(source, profile, k, n)))
-    else:
-        sites.append(Site(0, _load_model(run / "classifier" / "best.pt", "classifier"), task.site_data(source, profile, None, None)))
-    for s in sites:
-        if denoiser is not None:
-            s.pipe = task.make_defense(s.classifier, detector, denoiser, profile, s.data["val"])
-    kind = f"federated ({profile.federated.method}, {len(sites)} sites)" if federated else "centralised"
-    return profile, sites, {"run": str(run), "source": source, "kind": kind, "defended": denoiser is not None}
 
 
 def _test(site: Site, max_scans: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +89,8 @@ def _pooled(site: Site, clean: dict, n_clean: int, seed: int, batch_size: int = 
     return _through(site, x, torch.as_tensor(t.labels).long(), seed, batch_size)
 
 
-def evaluate_run(run: str | Path, threats: tuple[str, ...] = ("paper",), *, max_scans: int = 0, adaptive_max: int = 64,
+def evaluate_run(run: str | Path, threats: tuple[str, ...] = ("paper",), *, command: str = "", max_scans: int = 0,
+                 adaptive_max: int = 64,
                  adaptive: AdaptiveConfig | None = None, seed: int = 0, batch_size: int = 32, log=print,
                  source: str | None = None, defense: dict | None = None, tag: str = "") -> dict:
     """Evaluate every site of ``run`` under ``threats``; returns the report dict (also written to RUN/reports).
@@ -159,7 +100,7 @@ def evaluate_run(run: str | Path, threats: tuple[str, ...] = ("paper",), *, max_
     """
     for t in threats:
         if t not in THREATS:
-            raise ValueError(f"unknown threat {t!r}; choose from {THREATS} or 'all'")
+            raise cfgmod.UsageError(f"unknown threat {t!r}; choose from {THREATS} or 'all'")
     adaptive = adaptive or AdaptiveConfig()
     profile, sites, info = load_sites(run, source, defense)
     t_all = time.perf_counter()
@@ -221,7 +162,7 @@ def evaluate_run(run: str | Path, threats: tuple[str, ...] = ("paper",), *, max_
         "max_scans_per_site": max_scans,
         "sites": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
         "mean": _means(rows),
-        "command": " ".join(["python -m training"] + sys.argv[1:]) if sys.argv and sys.argv[0].endswith(("training", "__main__.py")) else "",
+        "command": command,
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "seconds": time.perf_counter() - t_all,
     }
@@ -367,7 +308,7 @@ def sweep_run(run: str | Path, *, flag_rates=SWEEP_FLAG_RATES, steps=SWEEP_STEPS
 
     profile, sites, info = load_sites(run, source, defense)
     if sites[0].pipe is None:
-        raise ValueError(f"{run}: no detector and denoiser in this run; nothing to sweep")
+        raise cfgmod.UsageError(f"{run}: no detector and denoiser in this run; nothing to sweep")
     t_all = time.perf_counter()
     cells: dict[tuple[float, int], dict] = {}
     for site in sites:

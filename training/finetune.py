@@ -66,24 +66,25 @@ def finetune_classifier(run: str | Path, out: str | Path, *, epochs: int = 3, lr
                         adv_fraction: float = 0.5, purify_fraction: float = 0.5,
                         attack: cfgmod.AttackConfig | None = None, defense: dict | None = None,
                         source: str | None = None, progress: bool = True, log=print) -> dict:
-    from training.evaluate import _read_source
     from training.federated import task
+    from training.runs import read_source
 
     run, out = Path(run), Path(out)
     if not (run / "config.toml").exists():
         raise FileNotFoundError(f"{run}: not a run folder (no config.toml)")
     if (run / "sites").is_dir():
-        raise ValueError(f"{run} is a federated run; fine-tune its sites with the federated options instead")
-    for comp in ("classifier", "denoiser", "detector"):
+        raise cfgmod.UsageError(f"{run} is a federated run; fine-tune its sites with the federated options instead")
+    profile = cfgmod.with_defense(cfgmod.load_toml(run / "config.toml"), defense)
+    needed = ("classifier", "denoiser") + (("detector",) if profile.defense.score == "mae" else ())
+    for comp in needed:  # the MAE only where the detection score is its reconstruction error
         if not (run / comp / "best.pt").exists():
             raise FileNotFoundError(f"{run / comp / 'best.pt'} is missing; train the run first")
     if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} exists and is not empty; choose a new --out")
+        raise cfgmod.UsageError(f"{out} exists and is not empty; choose a new --out")
     if not 0.0 <= adv_fraction <= 1.0 or not 0.0 <= purify_fraction <= 1.0 or epochs < 1:
-        raise ValueError("adv_fraction and purify_fraction must be in [0, 1], epochs >= 1")
-    profile = cfgmod.with_defense(cfgmod.load_toml(run / "config.toml"), defense)
+        raise cfgmod.UsageError("adv_fraction and purify_fraction must be in [0, 1], epochs >= 1")
     attack = attack or cfgmod.AttackConfig(step=0.006, steps=3)
-    source = source or _read_source(run)
+    source = source or read_source(run)
     data = task.site_data(source, profile, None, None)
     train, val = data["train"], data["val"]
 
@@ -105,8 +106,9 @@ def finetune_classifier(run: str | Path, out: str | Path, *, epochs: int = 3, lr
 
     out.mkdir(parents=True, exist_ok=True)
     for comp in ("denoiser", "detector"):
-        (out / comp).mkdir(exist_ok=True)
-        shutil.copy2(run / comp / "best.pt", out / comp / "best.pt")
+        if (run / comp / "best.pt").exists():
+            (out / comp).mkdir(exist_ok=True)
+            shutil.copy2(run / comp / "best.pt", out / comp / "best.pt")
     (out / "config.toml").write_text(cfgmod.dump_toml(profile))
     (out / "data.txt").write_text((run / "data.txt").read_text())
     (out / "finetune.json").write_text(json.dumps({

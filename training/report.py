@@ -17,18 +17,18 @@ from __future__ import annotations
 
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from training import config as cfgmod
 from training.data.datasets import Dataset, load_dataset
 from training.diffusion import GaussianDiffusion, purify, to_diffusion_space, to_pixel_space
 from training.engine import batches, predict
 from training.metrics import logistic_cv_accuracy, psnr, roc_auc, roc_curve
-from training.train import detector_scores, load_trained
+from training.train import load_trained
 
 SIGN_NOISE_EPS = 0.015
 T_STARS = (50, 100)
@@ -103,19 +103,28 @@ def classifier_section(run: Path, data: Dataset) -> tuple[dict, object]:
 
 
 def detector_section(run: Path, data: Dataset, out: Path) -> dict:
-    model, profile, ck = load_trained("detector", run)
+    """The defense's detection score (the profile's ``defense.score``: noise floor or the MAE's error)."""
+    from training.defense import detection_scores
+
+    profile = cfgmod.load_toml(run / "config.toml")
+    mae = load_trained("detector", run)[0] if (run / "detector" / "best.pt").exists() else None
+    d = profile.defense
+
+    def scores(images):
+        return detection_scores(mae, images, d, profile.detector.mask_ratio, profile.detector.mask_seed)
+
     test = data["test"]
     g = np.random.default_rng(0)
     noisy = np.clip(test.images + SIGN_NOISE_EPS * g.choice([-1.0, 1.0], size=test.images.shape), 0, 1).astype(np.float32)
-    clean_s = detector_scores(model, test.images, profile)
-    noisy_s = detector_scores(model, noisy, profile)
+    clean_s = scores(test.images)
+    noisy_s = scores(noisy)
     auc = roc_auc(clean_s, noisy_s)
     plt = _plt()
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     bins = np.linspace(min(clean_s.min(), noisy_s.min()), max(clean_s.max(), noisy_s.max()), 50)
     ax[0].hist(clean_s, bins, alpha=0.6, label="clean test scans")
     ax[0].hist(noisy_s, bins, alpha=0.6, label=f"+ sign noise, eps {SIGN_NOISE_EPS}")
-    ax[0].set_xlabel("detection score (mean squared reconstruction error)")
+    ax[0].set_xlabel(f"detection score ({d.score})")
     ax[0].legend()
     fpr, tpr = roc_curve(clean_s, noisy_s)
     ax[1].plot(fpr, tpr)
@@ -126,14 +135,15 @@ def detector_section(run: Path, data: Dataset, out: Path) -> dict:
     fig.tight_layout()
     fig.savefig(out / "detector_scores.png", dpi=110)
     plt.close(fig)
-    tau = float(np.quantile(detector_scores(model, data["val"].images, profile), 0.95))
+    tau = float(np.quantile(scores(data["val"].images), 1.0 - d.flag_rate))
     return {
-        "checkpoint_epoch": ck["epoch"],
+        "score": d.score,
+        "flag_rate": d.flag_rate,
         "n_test": int(len(test)),
         "clean_score_mean": float(clean_s.mean()),
         "noisy_score_mean": float(noisy_s.mean()),
         "roc_auc_sign_noise": auc,
-        "tau_val_5pct": tau,
+        "tau_val": tau,
         "flag_rate_clean_test": float((clean_s > tau).mean()),
         "flag_rate_noisy_test": float((noisy_s > tau).mean()),
     }
@@ -202,13 +212,14 @@ def timing_section(run: Path) -> dict:
 
 
 def write_report(run: str | Path, data_source: str | None = None, out_dir: str | Path | None = None,
-                 progress: bool = True, quick: bool = False) -> Path:
+                 progress: bool = True, quick: bool = False, command: str = "") -> Path:
     run = Path(run)
     out = Path(out_dir) if out_dir else run / "report"
     out.mkdir(parents=True, exist_ok=True)
     if data_source is None:
-        lines = dict(line.split(" = ", 1) for line in (run / "data.txt").read_text().splitlines())
-        data_source = lines["source"]
+        from training.runs import read_source
+
+        data_source = read_source(run)
     _, profile, _ = load_trained("classifier", run)
     data = load_dataset(data_source, profile.preprocess, seed=profile.seed, progress=progress)
     report = {
@@ -216,7 +227,7 @@ def write_report(run: str | Path, data_source: str | None = None, out_dir: str |
         "data": data_source,
         "split_digest": data.digest,
         "profile": profile.name,
-        "command": " ".join(["python -m training"] + sys.argv[1:]) if sys.argv[0].endswith(("training", "__main__.py")) else "",
+        "command": command,
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
                     "threads": torch.get_num_threads()},
     }
@@ -260,11 +271,11 @@ def render_markdown(r: dict) -> str:
                  f"{100 * s['label_from_preprocessed_stats']:.1f} %")
     lines += [
         "",
-        "## Detector (masked autoencoder), test split",
+        f"## Detection score ({d['score']}), test split",
         "",
         f"- mean score clean {d['clean_score_mean']:.5f}, with uniform sign noise (L-inf {SIGN_NOISE_EPS}) {d['noisy_score_mean']:.5f}",
         f"- ROC AUC clean vs. noisy: **{d['roc_auc_sign_noise']:.3f}** ({d['n_test']} + {d['n_test']} scans)",
-        f"- tau at a 5 % clean flag rate on validation: {d['tau_val_5pct']:.5f}; flag rate clean test "
+        f"- tau at a {100 * d['flag_rate']:g} % clean flag rate on validation: {d['tau_val']:.5f}; flag rate clean test "
         f"{100 * d['flag_rate_clean_test']:.1f} %, noisy test {100 * d['flag_rate_noisy_test']:.1f} %",
         "",
         "![detector scores](detector_scores.png)",

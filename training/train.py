@@ -33,7 +33,7 @@ VAL_METRIC = {"classifier": ("val_acc", True), "detector": ("val_score", False),
 
 
 @torch.no_grad()
-def detector_scores(model, images: np.ndarray, profile: cfgmod.Profile, batch_size: int = 64) -> np.ndarray:
+def mae_errors(model, images: np.ndarray, profile: cfgmod.Profile, batch_size: int = 64) -> np.ndarray:
     """The MAE's deterministic reconstruction errors ``[N]`` over the profile's complementary masks.
 
     This is the detector's own validation metric; the defense's detection
@@ -65,7 +65,7 @@ def evaluate(component: str, model, split: Split, profile: cfgmod.Profile) -> di
         probs = predict(model, split.images)
         return {"val_acc": float((probs.argmax(1).numpy() == split.labels).mean())}
     if component == "detector":
-        return {"val_score": float(detector_scores(model, split.images, profile).mean())}
+        return {"val_score": float(mae_errors(model, split.images, profile).mean())}
     return {"val_eps_mse": denoiser_val_loss(model, split, profile)}
 
 
@@ -107,7 +107,7 @@ def train_component(
     if resume and last.exists():
         ck = load_checkpoint(last)
         if cfgmod.from_dict(ck["config"]) != profile or ck["split_digest"] != data.digest:
-            raise ValueError(f"{last} was trained with another configuration or data split; use a new --out or --no-resume")
+            raise cfgmod.UsageError(f"{last} was trained with another configuration or data split; use a new --out or --no-resume")
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         generator.set_state(ck["generator"])

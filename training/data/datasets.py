@@ -39,6 +39,7 @@ import runtime.imageio
 import runtime.preprocess
 from runtime.imageio import ImageReadError, list_images, read_image
 from runtime.preprocess import PreprocessConfig, preprocess
+from training.config import UsageError
 from training.data import phantom
 
 SPLITS = ("train", "val", "test")
@@ -107,12 +108,12 @@ def read_split_csv(root: Path) -> tuple[list[Record], list[str]]:
         rows = list(csv.DictReader(fh))
     missing = {"path", "label", "split"} - set(rows[0] if rows else {})
     if missing:
-        raise ValueError(f"{path}: missing column(s) {sorted(missing)}")
+        raise UsageError(f"{path}: missing column(s) {sorted(missing)}")
     class_names = sorted({r["label"] for r in rows})
     records = []
     for i, r in enumerate(rows):
         if r["split"] not in SPLITS:
-            raise ValueError(f"{path}: row {i + 2} has split {r['split']!r}; expected one of {SPLITS}")
+            raise UsageError(f"{path}: row {i + 2} has split {r['split']!r}; expected one of {SPLITS}")
         group = int(r["group"]) if r.get("group", "") != "" else i
         records.append(Record(r["path"], class_names.index(r["label"]), group, r["split"]))
     return records, class_names
@@ -122,13 +123,13 @@ def read_class_folders(root: Path, seed: int = 0, fractions=(0.7, 0.1, 0.2)) -> 
     """Class-per-folder tree; a stratified split by ``seed`` (each file its own group)."""
     class_names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(class_names) < 2:
-        raise ValueError(f"{root}: expected one sub-folder per class (at least two), found {class_names}")
+        raise UsageError(f"{root}: expected one sub-folder per class (at least two), found {class_names}")
     rng = np.random.default_rng(seed)
     records = []
     for label, name in enumerate(class_names):
         files = [p.relative_to(root).as_posix() for p in list_images(root / name)]
         if not files:
-            raise ValueError(f"{root / name}: no image files")
+            raise UsageError(f"{root / name}: no image files")
         order = rng.permutation(len(files))
         n_train = int(round(fractions[0] * len(files)))
         n_val = int(round(fractions[1] * len(files)))

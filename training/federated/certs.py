@@ -44,6 +44,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from training.config import UsageError
+
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 SUPERLINK_PORT = 8000  # flower-superlink's default --port (Fleet, Control and Runtime API on one HTTPS port)
 CURVE = ec.SECP384R1
@@ -119,11 +121,11 @@ def _check_hosts(hosts) -> tuple[str, ...]:
         if h.startswith("[") and h.endswith("]"):  # [::1] -> ::1
             h = h[1:-1]
         if not h or any(c.isspace() for c in h) or "/" in h or h.count(":") == 1:
-            raise ValueError(f"not a host name or IP address: {h!r} (give it without scheme or port)")
+            raise UsageError(f"not a host name or IP address: {h!r} (give it without scheme or port)")
         if h not in out:
             out.append(h)
     if not out:
-        raise ValueError("give at least one host name or IP address for the SuperLink certificate")
+        raise UsageError("give at least one host name or IP address for the SuperLink certificate")
     return tuple(out)
 
 
@@ -199,14 +201,14 @@ def create_federation(out: str | Path, sites: int = 2, hosts=(), days: int = 825
     """
     out = Path(out)
     if isinstance(sites, bool) or not isinstance(sites, int) or sites < 1:
-        raise ValueError(f"--sites must be a whole number >= 1, got {sites!r}")
+        raise UsageError(f"--sites must be a whole number >= 1, got {sites!r}")
     if days < 1 or ca_days < 1:
-        raise ValueError("certificate lifetimes (--days, --ca-days) must be >= 1 day")
+        raise UsageError("certificate lifetimes (--days, --ca-days) must be >= 1 day")
     hosts = _check_hosts((*hosts, *DEFAULT_HOSTS))
     if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} exists and is not a folder")
+        raise UsageError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise ValueError(f"{out} is not empty; choose a new --out, or pass --force to overwrite the keys in it")
+        raise UsageError(f"{out} is not empty; choose a new --out, or pass --force to overwrite the keys in it")
 
     ca_key, ca_cert = make_ca(ca_days)
     server_key, server_cert = make_server_cert(ca_key, ca_cert, hosts, min(days, ca_days))

@@ -33,20 +33,22 @@ from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.clientapp.client_app import ClientAppException
-from flwr.common.constant import (
+from flwr.serverapp import Grid
+
+from training.federated.flower_internals import (
     NODE_ID_NUM_BYTES,
     NUM_PARTITIONS_KEY,
     PARTITION_ID_KEY,
     RUN_ID_NUM_BYTES,
     SUPERLINK_NODE_ID,
+    ClientAppException,
     ErrorCode,
+    Run,
+    TaskIdentity,
+    generate_rand_int_from_bytes,
+    now,
+    set_message_id,
 )
-from flwr.serverapp import Grid
-from flwr.supercore.corestate.utils import generate_rand_int_from_bytes
-from flwr.supercore.date import now
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
 
 logger = logging.getLogger("flwr")
 
@@ -93,7 +95,7 @@ class InProcessGrid(Grid):
         ids = []
         for msg in messages:
             md = msg.metadata
-            md.__dict__["_message_id"] = str(uuid4())  # as Flower's InMemoryGrid does
+            set_message_id(md, str(uuid4()))
             if md.reply_to_message_id or md.ttl <= 0 or md.delivered_at:
                 raise ValueError(f"Invalid message: {msg}")
             if md.dst_node_id not in self.contexts:
@@ -132,5 +134,5 @@ class InProcessGrid(Grid):
             ex = ClientAppException(str(ex))
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(ex)}:<'{ex}'>"),
                             reply_to=msg)
-        reply.metadata.__dict__["_message_id"] = str(uuid4())
+        set_message_id(reply.metadata, str(uuid4()))
         return reply

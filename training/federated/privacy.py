@@ -55,12 +55,9 @@ class PrivacyLedger:
     """Site-level (epsilon, delta) of ``rounds`` Gaussian releases with noise multiplier ``sigma`` (Flower's RDP accountant)."""
 
     def __init__(self, sigma: float, sites: int, delta: float):
-        from flwr.supercore.privacy_accounting import (
-            NeighboringRelation,
-            PrivacyConfig,
-            SamplingMethod,
-        )
-        from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+        from training.federated.flower_internals import rdp_accountant
+
+        RdpAccountant, PrivacyConfig, _, NeighboringRelation, SamplingMethod = rdp_accountant()
 
         if sigma <= 0:
             raise ValueError("a privacy account needs sigma > 0")
@@ -74,7 +71,9 @@ class PrivacyLedger:
         self.site, self.aggregate = make(), make()
 
     def step(self, rounds: int = 1) -> dict[str, float]:
-        from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+        from training.federated.flower_internals import rdp_accountant
+
+        GaussianPrivacyEvent = rdp_accountant()[2]
 
         n = max(1, self.sites)
         self.site.compose(GaussianPrivacyEvent(noise_multiplier=self.sigma, sample_size=n, population_size=n), rounds)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from training import config as cfgmod
 from training.data.partition import describe
+from training.runs import write_data_record
 
 
 def prepare_run(profile: cfgmod.Profile, data_source: str, out: str | Path, *, resume: bool = True,
@@ -32,7 +33,7 @@ def prepare_run(profile: cfgmod.Profile, data_source: str, out: str | Path, *, r
     text = cfgmod.dump_toml(profile)
     if cfg_file.exists() and cfgmod.load_toml(cfg_file) != profile:
         if resume:
-            raise ValueError(f"{cfg_file} holds another configuration; use a new --out (or --no-resume to start over)")
+            raise cfgmod.UsageError(f"{cfg_file} holds another configuration; use a new --out (or --no-resume to start over)")
     if not resume:
         for f in ("server/state.json", "metrics/rounds.jsonl"):
             (out / f).unlink(missing_ok=True)
@@ -43,7 +44,7 @@ def prepare_run(profile: cfgmod.Profile, data_source: str, out: str | Path, *, r
     for split in ("train", "test"):
         log(f"\n{split} scans per site ({profile.federated.partition}):")
         log(describe(parts[split], data[split].labels, data.class_names))
-    (out / "data.txt").write_text(f"source = {data_source}\nsplit_digest = {data.digest}\n")
+    write_data_record(out, data_source, data.digest)
     return out
 
 

@@ -36,6 +36,7 @@ from training.checkpoint import save_checkpoint
 from training.federated import task
 from training.federated.privacy import PrivacyLedger
 from training.federated.strategies import RootSet, ServerOptimizer, make_strategy
+from training.runs import data_record
 
 ROUND_TIMEOUT = 24 * 3600.0
 
@@ -255,7 +256,7 @@ def _save_global(run_dir: Path, phase: str, profile: cfgmod.Profile, arrays: Arr
     """The federated detector / denoiser in the centralised checkpoint format (report, export read it)."""
     state = model.state_dict()
     state.update({k: v for k, v in arrays.to_torch_state_dict().items() if k in state})
-    digest = (run_dir / "data.txt").read_text().split("split_digest = ")[-1].strip() if (run_dir / "data.txt").exists() else ""
+    digest = data_record(run_dir).get("split_digest", "") if (run_dir / "data.txt").exists() else ""
     save_checkpoint(run_dir / phase / "best.pt", component=phase, model=state, config=cfgmod.to_dict(profile),
                     split_digest=digest, class_names=[], metrics={}, epoch=profile.federated.phase_rounds[phase],
                     step=0, best=None, history=[])

@@ -36,7 +36,7 @@ from torch import nn
 from training import config as cfgmod
 from training.attacks.pgd import pgd
 from training.data.augment import Augment
-from training.data.datasets import Dataset, Split, load_dataset
+from training.data.datasets import SPLITS, Dataset, Split, load_dataset
 from training.data.partition import class_shares, partition, partition_like
 from training.defense import DefensePipeline, calibrate_tau, detection_scores
 from training.diffusion import GaussianDiffusion, purify
@@ -46,8 +46,6 @@ from training.models import create_model
 from training.models.moe import site_local_keys
 from training.objectives import adjusted_log_prior, make_objective
 from training.train import VAL_METRIC, evaluate
-
-SPLITS = ("train", "val", "test")
 
 
 @dataclass
