@@ -76,52 +76,54 @@ def _detector(site, x: np.ndarray, kind: str) -> np.ndarray:
     return detection_scores(site.pipe.detector, x, dataclasses.replace(site.pipe.cfg, score=kind))
 
 
-def run(run_dir: str, out: str, per_kind: int = 20, refusal_rate: float = 0.01, seed: int = 0, log=print) -> dict:
-    from training.engine import predict
-    from training.runs import load_sites
+def _federation_scorer(sites, k: int, refusal_rate: float):
+    """The Mahalanobis score from the sites' summed statistics and its threshold on the pooled validation scores.
 
-    torch.manual_seed(seed)
+    (None, None) where the sites' classifiers do not share their features.
+    """
     from export.bundle import _shared_features
     from training.ood import add_stats, feature_stats, mahalanobis_from_stats
 
-    profile, sites, info = load_sites(run_dir)
-    cfg = profile.preprocess
-    k = profile.classifier.num_classes
-    fed = fed_thr = None
-    if _shared_features(sites):
-        fed = mahalanobis_from_stats(sites[0].classifier, add_stats(
-            [feature_stats(s.classifier, s.data["train"].images, s.data["train"].labels, k) for s in sites]))
-        fed_thr = refusal_threshold(np.concatenate([score_images(fed, s.data["val"].images) for s in sites]),
-                                    refusal_rate)
-    per_site = []
-    for s in sites:
-        val, test = s.data["val"], s.data["test"]
-        if len(val) < 5 or len(test) < 5:
-            log(f"  site {s.site}: too few scans, skipped")
-            continue
-        scorers = _scorers(s, profile, fed)
-        ood_val, kinds_val = synthetic_ood(val.images, per_kind, cfg, seed=seed + 17 * s.site)
-        ood_test, kinds_test = synthetic_ood(test.images, per_kind, cfg, seed=seed + 17 * s.site + 1)
-        row = {"site": s.site, "n_val": len(val), "n_test": len(test), "n_ood_val": len(ood_val),
-               "n_ood_test": len(ood_test), "val_auc": {}, "test_auc": {}, "test_auc_by_kind": {},
-               "test_false_refusal": {}, "ood_test_refused": {}}
-        pred = predict(s.classifier, test.images).argmax(1).numpy()
-        correct = pred == test.labels
-        for name, fn in scorers.items():
-            sv, so_v = fn(val.images), fn(ood_val)
-            st, so_t = fn(test.images), fn(ood_test)
-            thr = fed_thr if name == "mahalanobis-fed" else refusal_threshold(sv, refusal_rate)
-            row["val_auc"][name] = roc_auc(sv, so_v)
-            row["test_auc"][name] = roc_auc(st, so_t)
-            row["test_auc_by_kind"][name] = {OOD_KINDS[k]: roc_auc(st, so_t[kinds_test == k])
-                                             for k in np.unique(kinds_test)}
-            row["test_false_refusal"][name] = float((st > thr).mean())
-            row["ood_test_refused"][name] = float((so_t > thr).mean())
-            row.setdefault("risk_coverage", {})[name] = risk_coverage(st, correct)
-            row.setdefault("accepted_accuracy", {})[name] = float(correct[st <= thr].mean()) if (st <= thr).any() else None
-        row["test_accuracy"] = float(correct.mean())
-        per_site.append(row)
-        log(f"  site {s.site}: val AUC " + ", ".join(f"{k} {v:.3f}" for k, v in row["val_auc"].items()))
+    if not _shared_features(sites):
+        return None, None
+    fed = mahalanobis_from_stats(sites[0].classifier, add_stats(
+        [feature_stats(s.classifier, s.data["train"].images, s.data["train"].labels, k) for s in sites]))
+    fed_thr = refusal_threshold(np.concatenate([score_images(fed, s.data["val"].images) for s in sites]),
+                                refusal_rate)
+    return fed, fed_thr
+
+
+def _site_row(s, profile, fed, fed_thr, per_kind: int, refusal_rate: float, seed: int) -> dict:
+    """Every candidate score of site ``s``: validation and test ROC AUC, refusals, risk-coverage."""
+    from training.engine import predict
+
+    val, test = s.data["val"], s.data["test"]
+    scorers = _scorers(s, profile, fed)
+    ood_val, kinds_val = synthetic_ood(val.images, per_kind, profile.preprocess, seed=seed + 17 * s.site)
+    ood_test, kinds_test = synthetic_ood(test.images, per_kind, profile.preprocess, seed=seed + 17 * s.site + 1)
+    row = {"site": s.site, "n_val": len(val), "n_test": len(test), "n_ood_val": len(ood_val),
+           "n_ood_test": len(ood_test), "val_auc": {}, "test_auc": {}, "test_auc_by_kind": {},
+           "test_false_refusal": {}, "ood_test_refused": {}}
+    pred = predict(s.classifier, test.images).argmax(1).numpy()
+    correct = pred == test.labels
+    for name, fn in scorers.items():
+        sv, so_v = fn(val.images), fn(ood_val)
+        st, so_t = fn(test.images), fn(ood_test)
+        thr = fed_thr if name == "mahalanobis-fed" else refusal_threshold(sv, refusal_rate)
+        row["val_auc"][name] = roc_auc(sv, so_v)
+        row["test_auc"][name] = roc_auc(st, so_t)
+        row["test_auc_by_kind"][name] = {OOD_KINDS[k]: roc_auc(st, so_t[kinds_test == k])
+                                         for k in np.unique(kinds_test)}
+        row["test_false_refusal"][name] = float((st > thr).mean())
+        row["ood_test_refused"][name] = float((so_t > thr).mean())
+        row.setdefault("risk_coverage", {})[name] = risk_coverage(st, correct)
+        row.setdefault("accepted_accuracy", {})[name] = float(correct[st <= thr].mean()) if (st <= thr).any() else None
+    row["test_accuracy"] = float(correct.mean())
+    return row
+
+
+def _choose(per_site: list[dict]) -> dict:
+    """The candidates' means over sites, the chosen score, its test AUC per kind and its risk-coverage curve."""
     names = [n for n in CANDIDATES if all(n in r["val_auc"] for r in per_site)]
     mean = {n: {"val_auc": float(np.mean([r["val_auc"][n] for r in per_site])),
                 "test_auc": float(np.mean([r["test_auc"][n] for r in per_site])),
@@ -134,12 +136,28 @@ def run(run_dir: str, out: str, per_kind: int = 20, refusal_rate: float = 0.01, 
     for r in per_site:
         for c in r["risk_coverage"][chosen]:
             cov.setdefault(c["coverage"], []).append(c["accuracy"])
+    return {"chosen": chosen, "chosen_by": "mean validation ROC AUC over sites (to 3 places; a tie goes to the federation's statistics, "
+            "whose threshold rests on all sites' validation scans)", "mean": mean,
+            "chosen_test_auc_by_kind": by_kind,
+            "chosen_risk_coverage": [{"coverage": c, "mean_site_accuracy": float(np.mean(v))} for c, v in cov.items()]}
+
+
+def run(run_dir: str, out: str, per_kind: int = 20, refusal_rate: float = 0.01, seed: int = 0, log=print) -> dict:
+    from training.runs import load_sites
+
+    torch.manual_seed(seed)
+    profile, sites, info = load_sites(run_dir)
+    fed, fed_thr = _federation_scorer(sites, profile.classifier.num_classes, refusal_rate)
+    per_site = []
+    for s in sites:
+        if len(s.data["val"]) < 5 or len(s.data["test"]) < 5:
+            log(f"  site {s.site}: too few scans, skipped")
+            continue
+        row = _site_row(s, profile, fed, fed_thr, per_kind, refusal_rate, seed)
+        per_site.append(row)
+        log(f"  site {s.site}: val AUC " + ", ".join(f"{k} {v:.3f}" for k, v in row["val_auc"].items()))
     result = {"run": str(run_dir), "source": info["source"], "refusal_rate": refusal_rate, "per_kind": per_kind,
-              "chosen": chosen, "chosen_by": "mean validation ROC AUC over sites (to 3 places; a tie goes to the federation's statistics, "
-              "whose threshold rests on all sites' validation scans)", "mean": mean,
-              "chosen_test_auc_by_kind": by_kind,
-              "chosen_risk_coverage": [{"coverage": c, "mean_site_accuracy": float(np.mean(v))} for c, v in cov.items()],
-              "sites": per_site}
+              **_choose(per_site), "sites": per_site}
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "ood.json").write_text(json.dumps(result, indent=1))

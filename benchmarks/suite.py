@@ -37,6 +37,7 @@ import json
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -240,6 +241,81 @@ def paired_latency(c: Contenders, *, iters: int, warmup: int) -> dict:
     return out
 
 
+def _traffic_file(run: str, bundle: str, traffic_path: str | None, site: int, n: int, log) -> Path:
+    """The traffic file of the suite: ``traffic_path`` or ``benchmarks/data/<bundle>.npz``, made if missing."""
+    from benchmarks.traffic import make_traffic
+    from runtime.bench import Traffic
+
+    traffic = Path(traffic_path) if traffic_path else Path("benchmarks/data") / f"{Path(bundle).name}.npz"
+    if traffic.exists():
+        check_traffic_site(Traffic(traffic), site)
+    else:
+        log(f"making traffic {traffic} from site {site} of {run} ...")
+        make_traffic(run, str(traffic), site=site, n=n)
+    return traffic
+
+
+def _latency_suite(bundle: str, traffic: Path, out_p: Path, int8: bool, *, iters: int, warmup: int, log,
+                   trust: dict) -> tuple[dict, dict | None]:
+    """``runtime bench`` on ONNX Runtime (and, where ``int8``, the int8 denoiser at batch 1), reports written."""
+    from runtime.bench import run_bench, write_reports
+
+    log("latency suite (runtime, ONNX Runtime) ...")
+    lat = run_bench(bundle, str(traffic), engine="ort", batch_sizes=(1, 8, 32), traffics=("clean", "attacked"),
+                    modes=("adaptive", "always", "classify"), iters=iters, warmup=warmup, log=log, **trust)
+    write_reports(lat, out_p / "latency")
+    lat8 = None
+    if int8:
+        log("latency, the runtime with the int8 denoiser (batch 1) ...")
+        lat8 = run_bench(bundle, str(traffic), engine="ort", precision="int8", batch_sizes=(1,),
+                         traffics=("clean", "attacked"), modes=("adaptive",), iters=iters, warmup=warmup, log=log, **trust)
+        write_reports(lat8, out_p / "latency-int8")
+    return lat, lat8
+
+
+def _p50(lat: dict, traffic_kind: str, mode: str, batch: int = 1) -> float:
+    c = [c for c in lat["configs"] if c["traffic"] == traffic_kind and c["mode"] == mode and c["batch_size"] == batch]
+    return c[0]["latency_ms"]["p50"]
+
+
+def _ratios(lat: dict, eager: dict, paired: dict, alternating: dict) -> dict:
+    """The ratios measured within the run, before the robustness sweep adds its own."""
+    ratios = {
+        "ort_speedup_clean": alternating["clean"]["speedup"],
+        "ort_speedup_attacked": alternating["attacked"]["speedup"],
+        "ort_speedup_clean_separate_blocks": eager["clean"]["latency_ms"]["p50"] / _p50(lat, "clean", "adaptive"),
+        "ort_speedup_attacked_separate_blocks": eager["attacked"]["latency_ms"]["p50"] / _p50(lat, "attacked", "adaptive"),
+        "clean_overhead_vs_classify": paired["clean"]["overhead_vs_classify"],
+        "clean_overhead_vs_classify_unpaired": _p50(lat, "clean", "adaptive") / _p50(lat, "clean", "classify"),
+        "always_vs_classify_clean": _p50(lat, "clean", "always") / _p50(lat, "clean", "classify"),
+        "attacked_vs_classify": _p50(lat, "attacked", "adaptive") / _p50(lat, "clean", "classify"),
+    }
+    for k in ("clean", "attacked"):
+        if "int8" in alternating[k]:
+            ratios[f"ort_int8_speedup_{k}"] = alternating[k]["int8"]["speedup"]
+    return ratios
+
+
+def _compute_sweep(run: str, defense: dict, sweep_max: int, ratios: dict, log) -> dict:
+    """Robustness against compute; adds the respaced-steps ratios to ``ratios``."""
+    from training.evaluate import sweep_run
+
+    log("robustness against compute (paper-setting PGD) ...")
+    sweep = sweep_run(run, flag_rates=(defense["flag_rate"],), steps=(1, 2, 5, 10, 0), max_scans=sweep_max,
+                      defense=defense, tag="suite", log=log)
+    rows = {r["steps"]: r for r in sweep["rows"]}
+    full = rows["full"]
+    for k in (1, 2, 5, 10):
+        r = rows[k]
+        ratios[f"respaced_{k}_cost_ratio"] = full["evals_per_attacked_scan"] / max(r["evals_per_attacked_scan"], 1e-9)
+        ratios[f"respaced_{k}_gap_points"] = 100.0 * (full["robust_acc"] - r["robust_acc"])
+    return sweep
+
+
+def _without_samples(configs: list[dict]) -> list[dict]:
+    return [{k: v for k, v in c.items() if k != "samples_ms"} for c in configs]
+
+
 def run_suite(run: str, bundle: str, out: str, *, n: int = 64, iters: int = 20, warmup: int = 3, blocks: int = 10,
               sweep_max: int = 64, skip_sweep: bool = False, traffic_path: str | None = None,
               trusted: list | None = None, allow_unsigned: bool = False, command: str = "", log=print) -> dict:
@@ -248,8 +324,7 @@ def run_suite(run: str, bundle: str, out: str, *, n: int = 64, iters: int = 20, 
     ``trusted`` and ``allow_unsigned`` go to ``runtime.bundle.Bundle.load``;
     ``command`` is recorded in the summary as the command that produced it.
     """
-    from benchmarks.traffic import check_site, make_traffic, manifest_site
-    from runtime.bench import Traffic, run_bench, write_reports
+    from benchmarks.traffic import check_site, manifest_site
     from runtime.bundle import Bundle
     from training import config as cfgmod
 
@@ -258,29 +333,11 @@ def run_suite(run: str, bundle: str, out: str, *, n: int = 64, iters: int = 20, 
     b = Bundle.load(bundle, **trust)
     site = check_site(run, manifest_site(b.manifest, bundle))
     defense = cfgmod.to_dict(cfgmod.from_dict(b.manifest["provenance"]["profile"]))["defense"]
-    traffic = Path(traffic_path) if traffic_path else Path("benchmarks/data") / f"{Path(bundle).name}.npz"
-    if traffic.exists():
-        check_traffic_site(Traffic(traffic), site)
-    else:
-        log(f"making traffic {traffic} from site {site} of {run} ...")
-        make_traffic(run, str(traffic), site=site, n=n)
+    traffic = _traffic_file(run, bundle, traffic_path, site, n, log)
     out_p = Path(out)
     out_p.mkdir(parents=True, exist_ok=True)
-    log("latency suite (runtime, ONNX Runtime) ...")
-    lat = run_bench(bundle, str(traffic), engine="ort", batch_sizes=(1, 8, 32), traffics=("clean", "attacked"),
-                    modes=("adaptive", "always", "classify"), iters=iters, warmup=warmup, log=log, **trust)
-    write_reports(lat, out_p / "latency")
-    lat8 = None
-    if "int8" in b.precisions:
-        log("latency, the runtime with the int8 denoiser (batch 1) ...")
-        lat8 = run_bench(bundle, str(traffic), engine="ort", precision="int8", batch_sizes=(1,),
-                         traffics=("clean", "attacked"), modes=("adaptive",), iters=iters, warmup=warmup, log=log, **trust)
-        write_reports(lat8, out_p / "latency-int8")
-
-    def p50(traffic_kind, mode, batch=1):
-        c = [c for c in lat["configs"] if c["traffic"] == traffic_kind and c["mode"] == mode and c["batch_size"] == batch]
-        return c[0]["latency_ms"]["p50"]
-
+    lat, lat8 = _latency_suite(bundle, traffic, out_p, "int8" in b.precisions, iters=iters, warmup=warmup, log=log,
+                               trust=trust)
     contenders = Contenders(run, bundle, str(traffic), defense=defense, **trust)
     log(f"PyTorch eager pipeline of site {site}, batch 1 ...")
     eager = {k: torch_eager_latency(contenders, attacked=(k == "attacked"), iters=iters, warmup=warmup)
@@ -290,133 +347,179 @@ def run_suite(run: str, bundle: str, out: str, *, n: int = 64, iters: int = 20, 
     log("runtime against PyTorch eager in alternating blocks, batch 1 ...")
     alternating = alternating_speedup(contenders, blocks=blocks, per_block=max(iters, 8), warmup=warmup)
     accuracy = traffic_accuracy(contenders)
-    ratios = {
-        "ort_speedup_clean": alternating["clean"]["speedup"],
-        "ort_speedup_attacked": alternating["attacked"]["speedup"],
-        "ort_speedup_clean_separate_blocks": eager["clean"]["latency_ms"]["p50"] / p50("clean", "adaptive"),
-        "ort_speedup_attacked_separate_blocks": eager["attacked"]["latency_ms"]["p50"] / p50("attacked", "adaptive"),
-        "clean_overhead_vs_classify": paired["clean"]["overhead_vs_classify"],
-        "clean_overhead_vs_classify_unpaired": p50("clean", "adaptive") / p50("clean", "classify"),
-        "always_vs_classify_clean": p50("clean", "always") / p50("clean", "classify"),
-        "attacked_vs_classify": p50("attacked", "adaptive") / p50("clean", "classify"),
-    }
-    for k in ("clean", "attacked"):
-        if "int8" in alternating[k]:
-            ratios[f"ort_int8_speedup_{k}"] = alternating[k]["int8"]["speedup"]
-    sweep = None
-    if not skip_sweep:
-        from training.evaluate import sweep_run
-
-        log("robustness against compute (paper-setting PGD) ...")
-        sweep = sweep_run(run, flag_rates=(defense["flag_rate"],), steps=(1, 2, 5, 10, 0), max_scans=sweep_max,
-                          defense=defense, tag="suite", log=log)
-        rows = {r["steps"]: r for r in sweep["rows"]}
-        full = rows["full"]
-        for k in (1, 2, 5, 10):
-            r = rows[k]
-            ratios[f"respaced_{k}_cost_ratio"] = full["evals_per_attacked_scan"] / max(r["evals_per_attacked_scan"], 1e-9)
-            ratios[f"respaced_{k}_gap_points"] = 100.0 * (full["robust_acc"] - r["robust_acc"])
+    ratios = _ratios(lat, eager, paired, alternating)
+    sweep = None if skip_sweep else _compute_sweep(run, defense, sweep_max, ratios, log)
     report = {"run": run, "bundle": bundle, "site": site, "traffic": str(traffic), "latency": {k: v for k, v in lat.items() if k != "configs"},
-              "latency_configs": [{k: v for k, v in c.items() if k != "samples_ms"} for c in lat["configs"]],
+              "latency_configs": _without_samples(lat["configs"]),
               "torch_eager": eager, "paired": paired, "alternating": alternating, "ratios": ratios, "sweep": sweep, "targets": TARGETS,
               "int8_parity": contenders.int8_parity, "traffic_accuracy": accuracy,
-              "latency_int8_configs": [{k: v for k, v in c.items() if k != "samples_ms"} for c in lat8["configs"]] if lat8 else None,
+              "latency_int8_configs": _without_samples(lat8["configs"]) if lat8 else None,
               "command": command, "seconds": time.perf_counter() - t_all}
     (out_p / "summary.json").write_text(json.dumps(report, indent=1, default=float))
     (out_p / "summary.md").write_text(render(report))
     return report
 
 
-def render(r: dict) -> str:
-    env = r["latency"]["environment"]
-    ratios = r["ratios"]
-    of_site = f"site {r['site']} of " if "site" in r else ""
-    produced = f"`{r['command']}` " if r.get("command") else ""
-    lines = [f"# Benchmark suite: {r['bundle']}", "",
-             f"Produced by: {produced}({r['seconds'] / 60:.1f} min) on {env['cpu']}, {env['cores']} cores; "
-             f"ONNX Runtime {env.get('onnxruntime', '?')}, PyTorch {torch.__version__} ({r['torch_eager']['clean']['threads']} threads). "
-             f"Traffic: `{r['traffic']}` (test scans of {of_site}`{r['run']}` and their paper-setting PGD versions).", "",
-             "## Latency, batch 1 (median of steady-state batches, end to end incl. preprocessing)", "",
+@dataclass(frozen=True)
+class SuiteSummary:
+    """What ``summary.md`` shows of one suite run, read from its ``summary.json`` dict (:meth:`of`).
+
+    ``int8_p50`` (ms per traffic kind) is the int8 denoiser's defense at batch
+    1, None where the bundle has no int8 denoiser; ``int8_parity`` and
+    ``int8_accuracy`` are None where the report has no such paragraph.
+    """
+
+    run: str
+    bundle: str
+    site: int | None
+    traffic: str
+    command: str
+    seconds: float
+    environment: dict
+    eager_threads: int
+    eager_p50: dict[str, float]
+    configs: list[dict]
+    int8_p50: dict[str, float] | None
+    paired: dict | None
+    alternating: dict | None
+    ratios: dict[str, float]
+    sweep_rows: list[dict] | None
+    int8_parity: dict | None
+    int8_accuracy: dict | None
+
+    @classmethod
+    def of(cls, r: dict) -> SuiteSummary:
+        c8 = r.get("latency_int8_configs")
+        q = r.get("int8_parity")
+        acc = r.get("traffic_accuracy")
+        return cls(run=r["run"], bundle=r["bundle"], site=r.get("site"), traffic=r["traffic"],
+                   command=r.get("command") or "", seconds=r["seconds"], environment=r["latency"]["environment"],
+                   eager_threads=r["torch_eager"]["clean"]["threads"],
+                   eager_p50={k: v["latency_ms"]["p50"] for k, v in r["torch_eager"].items()},
+                   configs=r["latency_configs"],
+                   int8_p50={c["traffic"]: c["latency_ms"]["p50"] for c in c8} if c8 else None,
+                   paired=r.get("paired") or None, alternating=r.get("alternating") or None, ratios=r["ratios"],
+                   sweep_rows=r["sweep"]["rows"] if r.get("sweep") else None,
+                   int8_parity=q if q and q.get("passed") else None,
+                   int8_accuracy=acc if acc and "agreement" in acc["attacked"] else None)
+
+    def p50(self, traffic_kind: str, mode: str, batch: int = 1) -> float:
+        c = [c for c in self.configs if c["traffic"] == traffic_kind and c["mode"] == mode and c["batch_size"] == batch]
+        return c[0]["latency_ms"]["p50"] if c else float("nan")
+
+
+def _md_header(s: SuiteSummary) -> list[str]:
+    env = s.environment
+    of_site = f"site {s.site} of " if s.site is not None else ""
+    produced = f"`{s.command}` " if s.command else ""
+    return [f"# Benchmark suite: {s.bundle}", "",
+            f"Produced by: {produced}({s.seconds / 60:.1f} min) on {env['cpu']}, {env['cores']} cores; "
+            f"ONNX Runtime {env.get('onnxruntime', '?')}, PyTorch {torch.__version__} ({s.eager_threads} threads). "
+            f"Traffic: `{s.traffic}` (test scans of {of_site}`{s.run}` and their paper-setting PGD versions).", ""]
+
+
+def _md_latency(s: SuiteSummary) -> list[str]:
+    lines = ["## Latency, batch 1 (median of steady-state batches, end to end incl. preprocessing)", "",
              "| pipeline | clean traffic | attacked traffic |", "|---|---:|---:|"]
-    cfgs = r["latency_configs"]
-
-    def get(t, m, b=1, key="p50"):
-        c = [c for c in cfgs if c["traffic"] == t and c["mode"] == m and c["batch_size"] == b]
-        return c[0]["latency_ms"][key] if c else float("nan")
-
     for m, name in (("adaptive", "runtime, the defense (detect, purify flagged, classify)"),
                     ("always", "runtime, purify every scan"), ("classify", "runtime, classifier only")):
-        lines.append(f"| {name} | {get('clean', m):.2f} ms | {get('attacked', m):.2f} ms |")
-    c8 = r.get("latency_int8_configs")
-    if c8:
-        g8 = {c["traffic"]: c["latency_ms"]["p50"] for c in c8}
-        lines.append(f"| runtime with the int8 denoiser, the defense | {g8['clean']:.2f} ms | {g8['attacked']:.2f} ms |")
-    e = r["torch_eager"]
-    lines.append(f"| PyTorch eager, the defense | {e['clean']['latency_ms']['p50']:.2f} ms | "
-                 f"{e['attacked']['latency_ms']['p50']:.2f} ms |")
-    pr = r.get("paired")
-    if pr:
-        lines += ["", "Paired timing (the same scan through both runtime pipelines in turn, order rotated; medians, ms):", "",
-                  "| traffic | runtime defense | runtime classifier only | scans |", "|---|---:|---:|---:|"]
-        for k in ("clean", "attacked"):
-            m = pr[k]["median_ms"]
-            lines.append(f"| {k} | {m['runtime']:.2f} | {m['runtime_classify']:.2f} | {pr[k]['scans']} |")
-    alt = r.get("alternating")
-    if alt:
-        rounds = "runtime, int8, eager, eager, int8, runtime" if "int8" in alt["clean"] else "runtime, eager, eager, runtime"
-        lines += ["", f"Runtime defense against the PyTorch eager defense in {alt['clean']['blocks']} alternating blocks "
-                  f"of {alt['clean']['scans_per_block']} scans ({rounds}, ...; block medians, ms):", "",
-                  "| traffic | runtime, per block | eager, per block | speed-up per block | median speed-up |",
-                  "|---|---|---|---|---:|"]
+        lines.append(f"| {name} | {s.p50('clean', m):.2f} ms | {s.p50('attacked', m):.2f} ms |")
+    if s.int8_p50 is not None:
+        lines.append(f"| runtime with the int8 denoiser, the defense | {s.int8_p50['clean']:.2f} ms | "
+                     f"{s.int8_p50['attacked']:.2f} ms |")
+    lines.append(f"| PyTorch eager, the defense | {s.eager_p50['clean']:.2f} ms | {s.eager_p50['attacked']:.2f} ms |")
+    return lines
+
+
+def _md_paired(s: SuiteSummary) -> list[str]:
+    if s.paired is None:
+        return []
+    lines = ["", "Paired timing (the same scan through both runtime pipelines in turn, order rotated; medians, ms):", "",
+             "| traffic | runtime defense | runtime classifier only | scans |", "|---|---:|---:|---:|"]
+    for k in ("clean", "attacked"):
+        m = s.paired[k]["median_ms"]
+        lines.append(f"| {k} | {m['runtime']:.2f} | {m['runtime_classify']:.2f} | {s.paired[k]['scans']} |")
+    return lines
+
+
+def _joined(values, fmt: str) -> str:
+    return " ".join(format(v, fmt) for v in values)
+
+
+def _md_alternating(s: SuiteSummary) -> list[str]:
+    alt = s.alternating
+    if alt is None:
+        return []
+    int8 = "int8" in alt["clean"]
+    rounds = "runtime, int8, eager, eager, int8, runtime" if int8 else "runtime, eager, eager, runtime"
+    lines = ["", f"Runtime defense against the PyTorch eager defense in {alt['clean']['blocks']} alternating blocks "
+             f"of {alt['clean']['scans_per_block']} scans ({rounds}, ...; block medians, ms):", "",
+             "| traffic | runtime, per block | eager, per block | speed-up per block | median speed-up |",
+             "|---|---|---|---|---:|"]
+    for k in ("clean", "attacked"):
+        a = alt[k]
+        lines.append(f"| {k} | {_joined(a['block_median_ms']['runtime'], '.1f')} | "
+                     f"{_joined(a['block_median_ms']['eager'], '.1f')} | "
+                     f"{_joined(a['speedup_per_block'], '.2f')} | {a['speedup']:.2f} |")
+    if int8:
+        lines += ["", "The int8 denoiser's runtime in the same rounds:", "",
+                  "| traffic | runtime int8, per block | speed-up over eager per block | median speed-up |",
+                  "|---|---|---|---:|"]
         for k in ("clean", "attacked"):
             a = alt[k]
-            lines.append(f"| {k} | {' '.join(f'{v:.1f}' for v in a['block_median_ms']['runtime'])} | "
-                         f"{' '.join(f'{v:.1f}' for v in a['block_median_ms']['eager'])} | "
-                         f"{' '.join(f'{v:.2f}' for v in a['speedup_per_block'])} | {a['speedup']:.2f} |")
-        if "int8" in alt["clean"]:
-            lines += ["", "The int8 denoiser's runtime in the same rounds:", "",
-                      "| traffic | runtime int8, per block | speed-up over eager per block | median speed-up |",
-                      "|---|---|---|---:|"]
-            for k in ("clean", "attacked"):
-                a = alt[k]
-                lines.append(f"| {k} | {' '.join(f'{v:.1f}' for v in a['block_median_ms']['runtime_int8'])} | "
-                             f"{' '.join(f'{v:.2f}' for v in a['int8']['speedup_per_block'])} | {a['int8']['speedup']:.2f} |")
+            lines.append(f"| {k} | {_joined(a['block_median_ms']['runtime_int8'], '.1f')} | "
+                         f"{_joined(a['int8']['speedup_per_block'], '.2f')} | {a['int8']['speedup']:.2f} |")
+    return lines
+
+
+def _md_target_row(name: str, v: float, target: str, ok: bool) -> str:
+    return f"| {name} | {v:.2f} | {target} | {'yes' if ok else '**no**'} |"
+
+
+def _md_ratios(s: SuiteSummary) -> list[str]:
+    ratios = s.ratios
     sep = (f"; the separate blocks of the first table give {ratios['ort_speedup_clean_separate_blocks']:.2f} clean, "
            f"{ratios['ort_speedup_attacked_separate_blocks']:.2f} attacked") if "ort_speedup_clean_separate_blocks" in ratios else ""
-    lines += ["", "## Ratios measured in this run, against the targets", "",
-              "Runtime against PyTorch: median over the alternating block pairs" + sep + ". Blocks, not calls, "
-              "alternate: the two libraries' thread pools slow each other down when interleaved call by call. Overhead of the defense: median of per-scan "
-              f"ratios from the paired timing (the block timings give {ratios['clean_overhead_vs_classify_unpaired']:.2f}).", "",
-              "| comparison | measured | target | met |", "|---|---:|---:|---|"]
-
-    def row(name, v, target, ok):
-        lines.append(f"| {name} | {v:.2f} | {target} | {'yes' if ok else '**no**'} |")
-
-    row("runtime speed-up over PyTorch eager, clean", ratios["ort_speedup_clean"], ">= 2", ratios["ort_speedup_clean"] >= 2)
-    row("runtime speed-up over PyTorch eager, attacked", ratios["ort_speedup_attacked"], ">= 2",
-        ratios["ort_speedup_attacked"] >= 2)
+    lines = ["", "## Ratios measured in this run, against the targets", "",
+             "Runtime against PyTorch: median over the alternating block pairs" + sep + ". Blocks, not calls, "
+             "alternate: the two libraries' thread pools slow each other down when interleaved call by call. Overhead of the defense: median of per-scan "
+             f"ratios from the paired timing (the block timings give {ratios['clean_overhead_vs_classify_unpaired']:.2f}).", "",
+             "| comparison | measured | target | met |", "|---|---:|---:|---|"]
+    speedups = [("runtime speed-up over PyTorch eager, clean", "ort_speedup_clean"),
+                ("runtime speed-up over PyTorch eager, attacked", "ort_speedup_attacked")]
     if "ort_int8_speedup_attacked" in ratios:
-        row("runtime with the int8 denoiser over PyTorch eager, clean", ratios["ort_int8_speedup_clean"], ">= 2",
-            ratios["ort_int8_speedup_clean"] >= 2)
-        row("runtime with the int8 denoiser over PyTorch eager, attacked", ratios["ort_int8_speedup_attacked"], ">= 2",
-            ratios["ort_int8_speedup_attacked"] >= 2)
-    row("defense / classify-only cost, clean traffic", ratios["clean_overhead_vs_classify"], "<= 1.25",
-        ratios["clean_overhead_vs_classify"] <= 1.25)
-    row("always-purify / classify-only cost, clean traffic", ratios["always_vs_classify_clean"], "(reference)", True)
-    if r.get("sweep"):
+        speedups += [("runtime with the int8 denoiser over PyTorch eager, clean", "ort_int8_speedup_clean"),
+                     ("runtime with the int8 denoiser over PyTorch eager, attacked", "ort_int8_speedup_attacked")]
+    lines += [_md_target_row(name, ratios[k], ">= 2", ratios[k] >= 2) for name, k in speedups]
+    lines.append(_md_target_row("defense / classify-only cost, clean traffic", ratios["clean_overhead_vs_classify"],
+                                "<= 1.25", ratios["clean_overhead_vs_classify"] <= 1.25))
+    lines.append(_md_target_row("always-purify / classify-only cost, clean traffic", ratios["always_vs_classify_clean"],
+                                "(reference)", True))
+    if s.sweep_rows is not None:
         for k in (1, 2, 5, 10):
             gap, cost = ratios[f"respaced_{k}_gap_points"], ratios[f"respaced_{k}_cost_ratio"]
             lines.append(f"| {k} DDIM step(s) against full DDPM from t*: robust accuracy gap (points) / cost ratio | "
                          f"{gap:+.2f} / {cost:.1f}x | <= 1 / >= 10x | {'yes' if gap <= 1 and cost >= 10 else '**no**'} |")
-        lines += ["", "## Robustness against compute (paper-setting PGD L-inf, test scans)", "",
-                  "| purification steps | clean acc | robust acc | denoiser evals / attacked scan | s / scan |",
-                  "|---:|---:|---:|---:|---:|"]
-        for s in r["sweep"]["rows"]:
-            lines.append(f"| {s['steps']} | {100 * s['clean_acc']:.2f} % | {100 * s['robust_acc']:.2f} % | "
-                         f"{s['evals_per_attacked_scan']:.2f} | {s['seconds_per_scan']:.3f} |")
-        lines.append(f"\n{r['sweep']['rows'][0]['n']} scans per cell.")
-    q = r.get("int8_parity")
-    if q and q.get("passed"):
+    return lines
+
+
+def _md_sweep(s: SuiteSummary) -> list[str]:
+    if s.sweep_rows is None:
+        return []
+    lines = ["", "## Robustness against compute (paper-setting PGD L-inf, test scans)", "",
+             "| purification steps | clean acc | robust acc | denoiser evals / attacked scan | s / scan |",
+             "|---:|---:|---:|---:|---:|"]
+    for row in s.sweep_rows:
+        lines.append(f"| {row['steps']} | {100 * row['clean_acc']:.2f} % | {100 * row['robust_acc']:.2f} % | "
+                     f"{row['evals_per_attacked_scan']:.2f} | {row['seconds_per_scan']:.3f} |")
+    lines.append(f"\n{s.sweep_rows[0]['n']} scans per cell.")
+    return lines
+
+
+def _md_int8(s: SuiteSummary) -> list[str]:
+    lines = []
+    q = s.int8_parity
+    if q is not None:
         lines += ["", "## The int8 denoiser", "", f"The int8 denoiser against fp32 (export's check on {q['n_scans']} test scans purified at t* = "
                   f"{q['t_star']}, the same noise): purified images differ by {q['purified_mean_abs_int8_vs_fp32']:.4f} "
                   f"(mean absolute, images in [0, 1]) where another noise draw changes them by "
@@ -425,22 +528,33 @@ def render(r: dict) -> str:
                   f"(another noise draw: {q['prediction_flips_other_noise']}); accuracy on purified scans "
                   f"{100 * q['accuracy_fp32']:.2f} % fp32, {100 * q['accuracy_int8']:.2f} % int8. Calibrated on "
                   f"{q['calibration']['n_scans']} validation scans."]
-    acc = r.get("traffic_accuracy")
-    if acc and "agreement" in acc["attacked"]:
+    acc = s.int8_accuracy
+    if acc is not None:
         lines += ["", f"On this run's traffic ({acc['scans']} test scans, batch 1, the same noise seeds): accuracy of the "
                   f"runtime's defense on clean scans {100 * acc['clean']['fp32']:.2f} % fp32, "
                   f"{100 * acc['clean']['int8']:.2f} % int8 (same prediction on {100 * acc['clean']['agreement']:.1f} %); "
                   f"on their PGD versions {100 * acc['attacked']['fp32']:.2f} % fp32, {100 * acc['attacked']['int8']:.2f} % "
                   f"int8 (same prediction on {100 * acc['attacked']['agreement']:.1f} %)."]
-    lines += ["", "## All latency configurations (runtime)", "",
-              "| traffic | mode | batch | p50 ms | p95 ms | p99 ms | scans/s | flagged |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for c in cfgs:
+    return lines
+
+
+def _md_configs(s: SuiteSummary) -> list[str]:
+    lines = ["", "## All latency configurations (runtime)", "",
+             "| traffic | mode | batch | p50 ms | p95 ms | p99 ms | scans/s | flagged |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for c in s.configs:
         lines.append(f"| {c['traffic']} | {c['mode']} | {c['batch_size']} | {c['latency_ms']['p50']:.2f} | "
                      f"{c['latency_ms']['p95']:.2f} | {c['latency_ms']['p99']:.2f} | {c['throughput_scans_per_s']:.1f} | "
                      f"{100 * c['flag_rate']:.1f} % |")
     lines += ["", "Per-stage times, first-run cost, memory and plots: `latency/bench.md`, `latency/bench.html`"
-              + (" (int8 denoiser: `latency-int8/`)." if c8 else ".")]
-    return "\n".join(lines) + "\n"
+              + (" (int8 denoiser: `latency-int8/`)." if s.int8_p50 is not None else ".")]
+    return lines
+
+
+def render(r: dict) -> str:
+    """``summary.md`` of a suite run's summary dict."""
+    s = SuiteSummary.of(r)
+    sections = (_md_header, _md_latency, _md_paired, _md_alternating, _md_ratios, _md_sweep, _md_int8, _md_configs)
+    return "\n".join(line for section in sections for line in section(s)) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

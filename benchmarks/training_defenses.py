@@ -30,6 +30,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -161,22 +162,35 @@ def fedbn(base: cfgmod.Profile, data: str, runs: Path, out: Path, mus, rounds: i
 # --------------------------------------------------------------------------- Fed-Safe
 
 
-def fedsafe(base: cfgmod.Profile, data: str, runs: Path, out: Path, sigmas, clip: float, log=print) -> Path:
-    from training.federated.server_app import _nanmean, read_rows
-
+def _paper_attack(base: cfgmod.Profile) -> tuple[cfgmod.Profile, cfgmod.AttackConfig]:
+    """``base`` evaluated every round under the paper-setting PGD, and that attack."""
     paper = cfgmod.AttackConfig()  # PGD L-inf 0.015, 7 steps of 0.003
     base = _fed(base, eval_every=1, eval_attack=cfgmod.to_dict(base)["federated"]["eval_attack"] | {"steps": paper.steps,
                                                                                                    "step": paper.step,
                                                                                                    "eps": paper.eps})
+    return base, paper
+
+
+def _auto_clip(runs: Path, log) -> float:
+    """The median update norm of the un-noised run."""
+    from training.federated.server_app import read_rows
+
+    norms = [r["update_norm"] for r in read_rows(runs / "fedsafe-none") if r["kind"] == "train" and "update_norm" in r]
+    if not norms:
+        raise RuntimeError("--clip 0 (auto) needs the un-noised run's update norms (runs/.../fedsafe-none)")
+    clip = float(np.median(norms))
+    log(f"  clip C = {clip:.4g}: the median update norm of the un-noised run")
+    return clip
+
+
+def _noise_runs(base: cfgmod.Profile, data: str, runs: Path, sigmas, clip: float, log) -> tuple[list[dict], float]:
+    """One Fed-Safe run per noise multiplier (and one without noise); the results and the clip norm used."""
+    from training.federated.server_app import read_rows
+
     results = []
-    sigmas = sorted(set(sigmas) | {0.0})  # the un-noised run first: it sets C when clip is 0 (auto)
-    for sigma in sigmas:
+    for sigma in sorted(set(sigmas) | {0.0}):  # the un-noised run first: it sets C when clip is 0 (auto)
         if sigma > 0 and clip <= 0:
-            norms = [r["update_norm"] for r in read_rows(runs / "fedsafe-none") if r["kind"] == "train" and "update_norm" in r]
-            if not norms:
-                raise RuntimeError("--clip 0 (auto) needs the un-noised run's update norms (runs/.../fedsafe-none)")
-            clip = float(np.median(norms))
-            log(f"  clip C = {clip:.4g}: the median update norm of the un-noised run")
+            clip = _auto_clip(runs, log)
         fed = {"dp_clip": clip, "dp_sigma": sigma} if sigma > 0 else {}
         name = f"fedsafe-{sigma:g}" if sigma > 0 else "fedsafe-none"
         s = run_one(name, _fed(base, **fed), data, runs, log)
@@ -184,10 +198,13 @@ def fedsafe(base: cfgmod.Profile, data: str, runs: Path, out: Path, sigmas, clip
         results.append({"run": name, "sigma": sigma, "clip": clip if sigma > 0 else None,
                         "clean_acc": s["honest_clean_acc"], "pgd_acc": s["honest_pgd_acc"],
                         "epsilon": s.get("dp_epsilon"), "train_seconds": _train_seconds(rows)})
-    fat_name = "fedsafe-fat"
-    run_one(fat_name, _fed(base, method="fat"), data, runs, log)
-    rows = read_rows(runs / fat_name)
-    budget = max(r["train_seconds"] for r in results if r["sigma"] > 0) if any(r["sigma"] > 0 for r in results) else 0
+    return results, clip
+
+
+def _fat_results(name: str, rows: list[dict], budget: float) -> list[dict]:
+    """FAT at the last round whose cumulative training time fits ``budget``, and after all its rounds."""
+    from training.federated.server_app import _nanmean
+
     spent, at = 0.0, 1
     per_round = {}
     for r in rows:
@@ -199,31 +216,60 @@ def fedsafe(base: cfgmod.Profile, data: str, runs: Path, out: Path, sigmas, clip
         spent += per_round[rnd]
         at = rnd
     ev = [r for r in rows if r["kind"] == "eval" and r["round"] == at]
-    results.append({"run": f"{fat_name} @ round {at}", "sigma": None, "clip": None,
-                    "clean_acc": _nanmean(ev, "clean_acc"), "pgd_acc": _nanmean(ev, "pgd_acc"), "epsilon": None,
-                    "train_seconds": spent})
+    matched = {"run": f"{name} @ round {at}", "sigma": None, "clip": None,
+               "clean_acc": _nanmean(ev, "clean_acc"), "pgd_acc": _nanmean(ev, "pgd_acc"), "epsilon": None,
+               "train_seconds": spent}
     final = max(per_round) if per_round else 0
     ev = [r for r in rows if r["kind"] == "eval" and r["round"] == final]
-    results.append({"run": f"{fat_name} (all {final} rounds)", "sigma": None, "clip": None,
-                    "clean_acc": _nanmean(ev, "clean_acc"), "pgd_acc": _nanmean(ev, "pgd_acc"), "epsilon": None,
-                    "train_seconds": sum(per_round.values())})
+    return [matched, {"run": f"{name} (all {final} rounds)", "sigma": None, "clip": None,
+                      "clean_acc": _nanmean(ev, "clean_acc"), "pgd_acc": _nanmean(ev, "pgd_acc"), "epsilon": None,
+                      "train_seconds": sum(per_round.values())}]
+
+
+@dataclass(frozen=True)
+class FedSafeReport:
+    """What ``fedsafe.md`` shows: the clip norm C, the privacy delta, the attack and one row per run."""
+
+    clip: float
+    delta: float
+    attack: str
+    rows: list[dict]
+
+    def intro(self) -> list[str]:
+        return ["# Fed-Safe: distributed noise against privacy and robustness", "",
+                f"Clip C = {self.clip:.4g}; noise N(0, (sigma C)^2) per coordinate of every site's update. Epsilon per site at "
+                f"delta = {self.delta:g} after all rounds (Flower's RDP accountant). PGD: {self.attack}, "
+                "on each site's classifier. FAT is read off at the last round whose cumulative training time fits the "
+                "Fed-Safe runs' (matched cost).", ""]
+
+    def table(self) -> list[str]:
+        lines = ["| run | sigma | clean acc (%) | PGD acc (%) | epsilon | training s (sum over sites) |",
+                 "|---|---:|---:|---:|---:|---:|"]
+        for r in self.rows:
+            eps = "–" if r["epsilon"] is None else f"{r['epsilon']:.1f}"
+            sig = "–" if r["sigma"] is None else f"{r['sigma']:g}"
+            lines.append(f"| {r['run']} | {sig} | {_pct(r['clean_acc'])} | {_pct(r['pgd_acc'])} | {eps} | "
+                         f"{r['train_seconds']:.0f} |")
+        return lines
+
+    def markdown(self) -> str:
+        return "\n".join(self.intro() + self.table() + ["", "![accuracy and privacy against sigma](fedsafe.png)"]) + "\n"
+
+
+def fedsafe(base: cfgmod.Profile, data: str, runs: Path, out: Path, sigmas, clip: float, log=print) -> Path:
+    from training.federated.server_app import read_rows
+
+    base, paper = _paper_attack(base)
+    results, clip = _noise_runs(base, data, runs, sigmas, clip, log)
+    fat_name = "fedsafe-fat"
+    run_one(fat_name, _fed(base, method="fat"), data, runs, log)
+    budget = max(r["train_seconds"] for r in results if r["sigma"] > 0) if any(r["sigma"] > 0 for r in results) else 0
+    results += _fat_results(fat_name, read_rows(runs / fat_name), budget)
     out.mkdir(parents=True, exist_ok=True)
     (out / "fedsafe.json").write_text(json.dumps(results, indent=1, default=float))
     _fedsafe_plot(results, out / "fedsafe.png", base.federated.dp_delta)
-    lines = ["# Fed-Safe: distributed noise against privacy and robustness", "",
-             f"Clip C = {clip:.4g}; noise N(0, (sigma C)^2) per coordinate of every site's update. Epsilon per site at "
-             f"delta = {base.federated.dp_delta:g} after all rounds (Flower's RDP accountant). PGD: {paper.describe()}, "
-             "on each site's classifier. FAT is read off at the last round whose cumulative training time fits the "
-             "Fed-Safe runs' (matched cost).", "",
-             "| run | sigma | clean acc (%) | PGD acc (%) | epsilon | training s (sum over sites) |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for r in results:
-        eps = "–" if r["epsilon"] is None else f"{r['epsilon']:.1f}"
-        sig = "–" if r["sigma"] is None else f"{r['sigma']:g}"
-        lines.append(f"| {r['run']} | {sig} | {_pct(r['clean_acc'])} | {_pct(r['pgd_acc'])} | {eps} | "
-                     f"{r['train_seconds']:.0f} |")
-    lines += ["", "![accuracy and privacy against sigma](fedsafe.png)"]
-    (out / "fedsafe.md").write_text("\n".join(lines) + "\n")
+    report = FedSafeReport(clip=clip, delta=base.federated.dp_delta, attack=paper.describe(), rows=results)
+    (out / "fedsafe.md").write_text(report.markdown())
     return out / "fedsafe.md"
 
 

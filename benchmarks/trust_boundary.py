@@ -333,62 +333,76 @@ def build_inputs(b: Bench) -> dict:
             "odd": odd}
 
 
+def _swap(m, _):
+    m["class_names"] = list(reversed(m["class_names"]))
+    return m
+
+
+def _tau(v):
+    def edit(m, _):
+        m["detector"]["tau"] = v
+        return m
+    return edit
+
+
+def _nan_tau(m, _):
+    m["detector"]["tau"] = float("nan")
+    return json.dumps(m, indent=1)  # a NaN literal, as Python's json writes it
+
+
+def _traversal(m, d):
+    secret = d.parent / "secret.txt"
+    secret.write_text("patient list: not part of any bundle\n")
+    m["files"]["../secret.txt"] = {"sha256": hashlib.sha256(secret.read_bytes()).hexdigest(),
+                                   "bytes": secret.stat().st_size}
+    return m
+
+
+def _files_null(m, _):
+    m["files"] = None
+    return m
+
+
+def _no_sha(m, _):
+    name = sorted(m["files"])[0]
+    del m["files"][name]["sha256"]
+    return m
+
+
+MANIFEST_EDITS = {"swapped": _swap, "tau1e9": _tau(1e9), "taunan": _nan_tau, "files-null": _files_null,
+                  "no-sha": _no_sha, "list": lambda m, _: "[1,2,3]", "tau0": _tau(0.0)}
+
+
+def _traversal_bundle(b: Bench, name: str) -> Path:
+    """A copy one folder down (``bundles/NAME/bundle``) whose manifest lists ``../secret.txt``."""
+    d = b.work / "bundles" / name / "bundle"
+    d.parent.mkdir(parents=True)
+    shutil.copytree(b.work / "bundle", d, symlinks=True)
+    m = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps(_traversal(m, d), indent=1))
+    return d
+
+
+def _symlink_bundle(b: Bench) -> Path:
+    """A copy whose classifier.onnx is an absolute symlink to the real file, moved elsewhere."""
+    sym = b.copy("symlink")
+    moved = b.work / "elsewhere" / "classifier.onnx"
+    moved.parent.mkdir()
+    shutil.move(sym / "classifier.onnx", moved)
+    os.symlink(moved.resolve(), sym / "classifier.onnx")
+    return sym
+
+
 def build_bundles(b: Bench) -> dict:
     """Tampered copies of the exported bundle; the ones named ``*-signed`` are re-signed (when ROOT signs)."""
-    w = b.work
-    bund: dict[str, Path] = {"intact": w / "bundle"}
-
-    def swap(m, _):
-        m["class_names"] = list(reversed(m["class_names"]))
-        return m
-
-    def tau(v):
-        def edit(m, _):
-            m["detector"]["tau"] = v
-            return m
-        return edit
-
-    def nan_tau(m, _):
-        m["detector"]["tau"] = float("nan")
-        return json.dumps(m, indent=1)  # a NaN literal, as Python's json writes it
-
-    def traversal(m, d):
-        secret = d.parent / "secret.txt"
-        secret.write_text("patient list: not part of any bundle\n")
-        m["files"]["../secret.txt"] = {"sha256": hashlib.sha256(secret.read_bytes()).hexdigest(),
-                                       "bytes": secret.stat().st_size}
-        return m
-
-    def files_null(m, _):
-        m["files"] = None
-        return m
-
-    def no_sha(m, _):
-        name = sorted(m["files"])[0]
-        del m["files"][name]["sha256"]
-        return m
-
-    variants = {"swapped": swap, "tau1e9": tau(1e9), "taunan": nan_tau, "files-null": files_null, "no-sha": no_sha,
-                "list": lambda m, _: "[1,2,3]", "tau0": tau(0.0)}
-    for name, edit in variants.items():
+    bund: dict[str, Path] = {"intact": b.work / "bundle"}
+    for name, edit in MANIFEST_EDITS.items():
         bund[name] = b.copy(name, edit)
         if b.signing:
             bund[f"{name}-signed"] = b.copy(f"{name}-signed", edit)
     for name in ("traversal", "traversal-signed") if b.signing else ("traversal",):
-        d = w / "bundles" / name / "bundle"
-        d.parent.mkdir(parents=True)
-        shutil.copytree(w / "bundle", d, symlinks=True)
-        m = json.loads((d / "manifest.json").read_text())
-        (d / "manifest.json").write_text(json.dumps(traversal(m, d), indent=1))
-        bund[name] = d
-
-    sym = b.copy("symlink")
-    moved = w / "elsewhere" / "classifier.onnx"
-    moved.parent.mkdir()
-    shutil.move(sym / "classifier.onnx", moved)
-    os.symlink(moved.resolve(), sym / "classifier.onnx")
-    bund["symlink"] = sym
-
+        bund[name] = _traversal_bundle(b, name)
+    bund["symlink"] = _symlink_bundle(b)
     nosig = b.copy("nosig")
     (nosig / "manifest.sig").unlink(missing_ok=True)
     bund["nosig"] = nosig
@@ -398,148 +412,175 @@ def build_bundles(b: Bench) -> dict:
     return bund
 
 
-def cases(b: Bench, inp: dict, bund: dict) -> list[dict]:
-    """Rows: {key, case, title, runs, behaviour} (runs are not made where the code has no signatures)."""
-    rows: list[dict] = []
-    tumor = inp["tumor"].name
-    w = b.work
-
-    def row(key, case, title, runs, behaviour, **extra):
-        rows.append({"key": key, "case": case, "title": title, "runs": runs, "behaviour": behaviour, **extra})
-        r0 = runs[0] if runs else {}
-        print(f"  [{key}] exit {'/'.join(str(r['exit']) for r in runs) or '-'}  {behaviour}"
-              + (f"  peak {r0.get('peak_mb')} MB" if r0 else ""), file=sys.stderr, flush=True)
-
-    def na(key, case, title):
-        rows.append({"key": key, "case": case, "title": title, "runs": [], "behaviour": "n/a: this code has no "
-                     "bundle signatures", "not_applicable": True})
-
-    def simple(key, case, title, args, focus=None, suffix=lambda r: ""):
-        r = b.cli(args)
-        row(key, case, title, [r], phrase(r, focus) + suffix(r))
-        return r
-
-    # 1
-    intact = simple("1", "1", "intact bundle: a phantom tumor scan and a noisy copy of it",
-                    b.infer(inp["tumor"], inp["noisy"], bundle=bund["intact"]), None, _sig)
-    intact_pred = next((r.get("prediction") for r in intact["records"] if _name(r) == tumor), None)
-
-    # 2
-    simple("2-info", "2", "class_names swapped in manifest.json (not re-signed): info",
-           ["info", "--bundle", str(bund["swapped"])], suffix=lambda r: _line(r, "classes"))
-    r = b.cli(b.infer(inp["tumor"], bundle=bund["swapped"]))
-    pred = next((x.get("prediction") for x in r["records"] if _name(x) == tumor), None)
-    extra = f" (intact bundle: {intact_pred})" if pred is not None else ""
-    row("2-infer", "2", "class_names swapped (not re-signed): infer on a tumor scan", [r], phrase(r, tumor) + extra)
-
-    # 3, 4
-    for key, name, title in (("3", "tau1e9", "detector tau 1e9"), ("4", "taunan", "detector tau NaN (NaN literal)")):
-        simple(key, key, f"{title} (not re-signed): infer on noisy.png", b.infer(inp["noisy"], bundle=bund[name]))
-        if b.signing:
-            simple(f"{key}-signed", key, f"{title}, re-signed: infer on noisy.png",
-                   b.infer(inp["noisy"], bundle=bund[f"{name}-signed"]))
-        else:
-            na(f"{key}-signed", key, f"{title}, re-signed: infer on noisy.png")
-
-    # 5
-    for variant in ("traversal", "traversal-signed"):
-        suffix = "" if variant == "traversal" else "-signed"
-        label = "not re-signed" if variant == "traversal" else "re-signed"
-        if variant not in bund:
-            na(f"5-info{suffix}", "5", f"files entry ../secret.txt ({label}): info")
-            na(f"5-calibrate{suffix}", "5", f"files entry ../secret.txt ({label}): calibrate")
-            continue
-        d = bund[variant]
-        simple(f"5-info{suffix}", "5", f"files entry ../secret.txt ({label}): info", ["info", "--bundle", str(d)],
-               suffix=lambda r: _line(r, "secret.txt"))
-        cal_parent = d.parent / "calibrated"
-        cal_parent.mkdir()
-        out = cal_parent / "new"
-        r = b.cli(["calibrate", "--bundle", str(d), "--clean", str(inp["scans"]), "--out", str(out), "--threads", "1",
-                   "--min-scans", "5", "--quiet"])
-        leaked = (cal_parent / "secret.txt").exists()
-        made = out.is_dir() and (out / "manifest.json").exists()
-        row(f"5-calibrate{suffix}", "5", f"files entry ../secret.txt ({label}): calibrate --out OUT", [r],
-            phrase(r) + ("; new bundle written" if made and r["exit"] == 0 else "")
-            + f"; secret.txt written outside OUT: {'YES' if leaked else 'no'}", secret_outside_out=leaked)
-
-    # 6
-    simple("6", "6", "classifier.onnx an absolute symlink to the real file moved elsewhere: infer",
-           b.infer(inp["tumor"], bundle=bund["symlink"]), tumor)
-
-    # 7, 8
-    simple("7", "7", "20000x20000 16-bit deflate TIFF (decodes to 800 MB): infer",
-           b.infer(inp["bombs"] / "bomb.tif", bundle=bund["intact"]), "bomb.tif")
-    simple("8", "8", "15000x15000 deflated DICOM (pixel data 450 MB): infer",
-           b.infer(inp["bombs"] / "bomb.dcm", bundle=bund["intact"]), "bomb.dcm")
-
-    # 9, 10, 11
-    simple("9", "9", "folder of extensionless DICOMs (IM0001, 1.2.840.113619.2.55.3.1): infer",
-           b.infer(inp["dicom"], bundle=bund["intact"]))
-    simple("10", "10", "mixed folder (scan.png, IM0002 DICOM, README.txt): infer", b.infer(inp["mixed"], bundle=bund["intact"]))
-    simple("11", "11", "folder with a symlink loop (a->b, b->a) beside scan.png: infer",
-           b.infer(inp["loop"], bundle=bund["intact"]))
-
-    # 12, 13, 14
-    for key, f, title in (("12", "hello.png", "text image 'HELLO'"), ("13", "white.png", "all-white image"),
-                          ("14", "strip.png", "2x30000 random strip")):
-        simple(key, key, f"{title}: infer", b.infer(inp["odd"] / f, bundle=bund["intact"]), f)
-
-    # 15
-    b15 = bund["tau0-signed"] if b.signing else bund["tau0"]
-    r1 = b.cli(b.infer(inp["scans"], bundle=b15, extra=["--batch-size", "1"]))
-    r8 = b.cli(b.infer(inp["scans"], bundle=b15, extra=["--batch-size", "8"]))
+def _prob_diffs(r1: dict, r8: dict) -> dict:
+    """Per scan in both runs: the largest difference of a class probability (None: neither has any)."""
     p1 = {_name(r): r.get("probabilities") for r in r1["records"]}
     p8 = {_name(r): r.get("probabilities") for r in r8["records"]}
-    common = sorted(set(p1) & set(p8))
     diffs = {}
-    for f in common:
+    for f in sorted(set(p1) & set(p8)):
         a, c = p1[f], p8[f]
         if a is None or c is None:
             diffs[f] = None if a is None and c is None else math.inf
         else:
             diffs[f] = max(abs(a[k] - c[k]) for k in a)
-    flagged = sum(bool(r.get("flagged")) for r in r8["records"])
-    if r1["traceback"] or r8["traceback"] or r1["exit"] or r8["exit"]:
-        beh = f"batch 1: {phrase(r1)} | batch 8: {phrase(r8)}"
-    else:
-        differ = [f for f, d in diffs.items() if d is None or d > 1e-6]
-        mx = max((d for d in diffs.values() if d is not None), default=0.0)
-        beh = (f"{len(common)} scans, {flagged} flagged and purified; probabilities "
-               + (f"identical at both batch sizes (max |dp| {mx:.1e})" if not differ
-                  else f"differ for {len(differ)} of {len(common)} scans (max |dp| {mx:.3f})"))
-    row("15", "15", "same scans at --batch-size 1 and 8, tau 0 (every scan purified)", [r1, r8], beh,
-        max_abs_prob_diff={f: d for f, d in diffs.items()})
+    return diffs
 
-    # 16, 17, 18
-    for key, name, title in (("16", "list", "manifest.json is [1,2,3]"),
-                             ("17", "files-null", "manifest 'files': null"),
-                             ("18", "no-sha", "a files entry without sha256")):
-        simple(key, key, f"{title} (not re-signed): info", ["info", "--bundle", str(bund[name])])
-        if b.signing:
-            simple(f"{key}-signed", key, f"{title}, re-signed: info", ["info", "--bundle", str(bund[f"{name}-signed"])])
+
+class CaseRows:
+    """The rows of :func:`cases` in order, each printed to stderr as it is made."""
+
+    def __init__(self, b: Bench, inp: dict, bund: dict):
+        self.b, self.inp, self.bund = b, inp, bund
+        self.tumor = inp["tumor"].name
+        self.rows: list[dict] = []
+
+    def row(self, key, case, title, runs, behaviour, **extra) -> None:
+        self.rows.append({"key": key, "case": case, "title": title, "runs": runs, "behaviour": behaviour, **extra})
+        r0 = runs[0] if runs else {}
+        print(f"  [{key}] exit {'/'.join(str(r['exit']) for r in runs) or '-'}  {behaviour}"
+              + (f"  peak {r0.get('peak_mb')} MB" if r0 else ""), file=sys.stderr, flush=True)
+
+    def na(self, key, case, title) -> None:
+        self.rows.append({"key": key, "case": case, "title": title, "runs": [], "behaviour": "n/a: this code has no "
+                          "bundle signatures", "not_applicable": True})
+
+    def simple(self, key, case, title, args, focus=None, suffix=lambda r: "") -> dict:
+        r = self.b.cli(args)
+        self.row(key, case, title, [r], phrase(r, focus) + suffix(r))
+        return r
+
+    def intact_and_swapped(self) -> None:
+        """Cases 1 and 2."""
+        b, inp, bund, tumor = self.b, self.inp, self.bund, self.tumor
+        intact = self.simple("1", "1", "intact bundle: a phantom tumor scan and a noisy copy of it",
+                             b.infer(inp["tumor"], inp["noisy"], bundle=bund["intact"]), None, _sig)
+        intact_pred = next((r.get("prediction") for r in intact["records"] if _name(r) == tumor), None)
+        self.simple("2-info", "2", "class_names swapped in manifest.json (not re-signed): info",
+                    ["info", "--bundle", str(bund["swapped"])], suffix=lambda r: _line(r, "classes"))
+        r = b.cli(b.infer(inp["tumor"], bundle=bund["swapped"]))
+        pred = next((x.get("prediction") for x in r["records"] if _name(x) == tumor), None)
+        extra = f" (intact bundle: {intact_pred})" if pred is not None else ""
+        self.row("2-infer", "2", "class_names swapped (not re-signed): infer on a tumor scan", [r],
+                 phrase(r, tumor) + extra)
+
+    def detector_tau(self) -> None:
+        """Cases 3 and 4."""
+        b, inp, bund = self.b, self.inp, self.bund
+        for key, name, title in (("3", "tau1e9", "detector tau 1e9"), ("4", "taunan", "detector tau NaN (NaN literal)")):
+            self.simple(key, key, f"{title} (not re-signed): infer on noisy.png", b.infer(inp["noisy"], bundle=bund[name]))
+            if b.signing:
+                self.simple(f"{key}-signed", key, f"{title}, re-signed: infer on noisy.png",
+                            b.infer(inp["noisy"], bundle=bund[f"{name}-signed"]))
+            else:
+                self.na(f"{key}-signed", key, f"{title}, re-signed: infer on noisy.png")
+
+    def traversal(self) -> None:
+        """Case 5, not re-signed and re-signed."""
+        for variant in ("traversal", "traversal-signed"):
+            suffix = "" if variant == "traversal" else "-signed"
+            label = "not re-signed" if variant == "traversal" else "re-signed"
+            if variant not in self.bund:
+                self.na(f"5-info{suffix}", "5", f"files entry ../secret.txt ({label}): info")
+                self.na(f"5-calibrate{suffix}", "5", f"files entry ../secret.txt ({label}): calibrate")
+                continue
+            d = self.bund[variant]
+            self.simple(f"5-info{suffix}", "5", f"files entry ../secret.txt ({label}): info", ["info", "--bundle", str(d)],
+                        suffix=lambda r: _line(r, "secret.txt"))
+            self._calibrate_traversal(d, suffix, label)
+
+    def _calibrate_traversal(self, d: Path, suffix: str, label: str) -> None:
+        cal_parent = d.parent / "calibrated"
+        cal_parent.mkdir()
+        out = cal_parent / "new"
+        r = self.b.cli(["calibrate", "--bundle", str(d), "--clean", str(self.inp["scans"]), "--out", str(out),
+                        "--threads", "1", "--min-scans", "5", "--quiet"])
+        leaked = (cal_parent / "secret.txt").exists()
+        made = out.is_dir() and (out / "manifest.json").exists()
+        self.row(f"5-calibrate{suffix}", "5", f"files entry ../secret.txt ({label}): calibrate --out OUT", [r],
+                 phrase(r) + ("; new bundle written" if made and r["exit"] == 0 else "")
+                 + f"; secret.txt written outside OUT: {'YES' if leaked else 'no'}", secret_outside_out=leaked)
+
+    def hostile_inputs(self) -> None:
+        """Cases 6 to 14: a symlinked model, decompression bombs, odd folders and odd images."""
+        b, inp, bund = self.b, self.inp, self.bund
+        self.simple("6", "6", "classifier.onnx an absolute symlink to the real file moved elsewhere: infer",
+                    b.infer(inp["tumor"], bundle=bund["symlink"]), self.tumor)
+        self.simple("7", "7", "20000x20000 16-bit deflate TIFF (decodes to 800 MB): infer",
+                    b.infer(inp["bombs"] / "bomb.tif", bundle=bund["intact"]), "bomb.tif")
+        self.simple("8", "8", "15000x15000 deflated DICOM (pixel data 450 MB): infer",
+                    b.infer(inp["bombs"] / "bomb.dcm", bundle=bund["intact"]), "bomb.dcm")
+        self.simple("9", "9", "folder of extensionless DICOMs (IM0001, 1.2.840.113619.2.55.3.1): infer",
+                    b.infer(inp["dicom"], bundle=bund["intact"]))
+        self.simple("10", "10", "mixed folder (scan.png, IM0002 DICOM, README.txt): infer",
+                    b.infer(inp["mixed"], bundle=bund["intact"]))
+        self.simple("11", "11", "folder with a symlink loop (a->b, b->a) beside scan.png: infer",
+                    b.infer(inp["loop"], bundle=bund["intact"]))
+        for key, f, title in (("12", "hello.png", "text image 'HELLO'"), ("13", "white.png", "all-white image"),
+                              ("14", "strip.png", "2x30000 random strip")):
+            self.simple(key, key, f"{title}: infer", b.infer(inp["odd"] / f, bundle=bund["intact"]), f)
+
+    def batch_sizes(self) -> None:
+        """Case 15: the same scans at batch size 1 and 8, every scan purified."""
+        b, inp, bund = self.b, self.inp, self.bund
+        b15 = bund["tau0-signed"] if b.signing else bund["tau0"]
+        r1 = b.cli(b.infer(inp["scans"], bundle=b15, extra=["--batch-size", "1"]))
+        r8 = b.cli(b.infer(inp["scans"], bundle=b15, extra=["--batch-size", "8"]))
+        diffs = _prob_diffs(r1, r8)
+        flagged = sum(bool(r.get("flagged")) for r in r8["records"])
+        if r1["traceback"] or r8["traceback"] or r1["exit"] or r8["exit"]:
+            beh = f"batch 1: {phrase(r1)} | batch 8: {phrase(r8)}"
         else:
-            na(f"{key}-signed", key, f"{title}, re-signed: info")
+            differ = [f for f, d in diffs.items() if d is None or d > 1e-6]
+            mx = max((d for d in diffs.values() if d is not None), default=0.0)
+            beh = (f"{len(diffs)} scans, {flagged} flagged and purified; probabilities "
+                   + (f"identical at both batch sizes (max |dp| {mx:.1e})" if not differ
+                      else f"differ for {len(differ)} of {len(diffs)} scans (max |dp| {mx:.3f})"))
+        self.row("15", "15", "same scans at --batch-size 1 and 8, tau 0 (every scan purified)", [r1, r8], beh,
+                 max_abs_prob_diff={f: d for f, d in diffs.items()})
 
-    # 19, 20, 21
-    for key, out, title in (("19", w / "outdir", "--out an existing folder"),
-                            ("20", w / "missing" / "r.jsonl", "--out in a missing folder"),
-                            ("21", w / "file.txt" / "r.jsonl", "--out under a regular file (file.txt/r.jsonl)")):
-        r = b.cli(b.infer(inp["tumor"], bundle=bund["intact"], extra=["--out", str(out)]))
-        written = out.is_file()
-        row(key, key, f"{title}: infer", [r], phrase(r) + f"; results file written: {'yes' if written else 'no'}")
+    def bad_manifests(self) -> None:
+        """Cases 16 to 18: manifests of the wrong shape, not re-signed and re-signed."""
+        b, bund = self.b, self.bund
+        for key, name, title in (("16", "list", "manifest.json is [1,2,3]"),
+                                 ("17", "files-null", "manifest 'files': null"),
+                                 ("18", "no-sha", "a files entry without sha256")):
+            self.simple(key, key, f"{title} (not re-signed): info", ["info", "--bundle", str(bund[name])])
+            if b.signing:
+                self.simple(f"{key}-signed", key, f"{title}, re-signed: info",
+                            ["info", "--bundle", str(bund[f"{name}-signed"])])
+            else:
+                self.na(f"{key}-signed", key, f"{title}, re-signed: info")
 
-    # 22
-    r = b.cli(["info", "--bundle", str(bund["intact"])], close_stdout=True)
-    row("22", "22", "info with stdout a pipe closed at once (as `| head -c 1`)", [r],
-        phrase(r) if (r["traceback"] or r["exit"]) else "quiet, exit 0" + (f"; stderr: {_cut(r['stderr_first'], 80)}"
-                                                                               if r["stderr_first"] else ""))
+    def outputs(self) -> None:
+        """Cases 19 to 22: bad ``--out`` paths and a closed stdout."""
+        b, inp, bund, w = self.b, self.inp, self.bund, self.b.work
+        for key, out, title in (("19", w / "outdir", "--out an existing folder"),
+                                ("20", w / "missing" / "r.jsonl", "--out in a missing folder"),
+                                ("21", w / "file.txt" / "r.jsonl", "--out under a regular file (file.txt/r.jsonl)")):
+            r = b.cli(b.infer(inp["tumor"], bundle=bund["intact"], extra=["--out", str(out)]))
+            written = out.is_file()
+            self.row(key, key, f"{title}: infer", [r], phrase(r) + f"; results file written: {'yes' if written else 'no'}")
+        r = b.cli(["info", "--bundle", str(bund["intact"])], close_stdout=True)
+        self.row("22", "22", "info with stdout a pipe closed at once (as `| head -c 1`)", [r],
+                 phrase(r) if (r["traceback"] or r["exit"]) else "quiet, exit 0" + (f"; stderr: {_cut(r['stderr_first'], 80)}"
+                                                                                    if r["stderr_first"] else ""))
 
-    # 23
-    simple("23", "23", "bundle without manifest.sig: infer", b.infer(inp["tumor"], bundle=bund["nosig"]), tumor, _sig)
-    simple("23-allow", "23", "bundle without manifest.sig: infer --allow-unsigned",
-           b.infer(inp["tumor"], bundle=bund["nosig"], extra=["--allow-unsigned"]), tumor, _sig)
-    return rows
+    def unsigned(self) -> None:
+        """Case 23: a bundle without manifest.sig, refused and allowed."""
+        b, inp, bund = self.b, self.inp, self.bund
+        self.simple("23", "23", "bundle without manifest.sig: infer", b.infer(inp["tumor"], bundle=bund["nosig"]),
+                    self.tumor, _sig)
+        self.simple("23-allow", "23", "bundle without manifest.sig: infer --allow-unsigned",
+                    b.infer(inp["tumor"], bundle=bund["nosig"], extra=["--allow-unsigned"]), self.tumor, _sig)
+
+
+def cases(b: Bench, inp: dict, bund: dict) -> list[dict]:
+    """Rows: {key, case, title, runs, behaviour} (runs are not made where the code has no signatures)."""
+    c = CaseRows(b, inp, bund)
+    for group in (c.intact_and_swapped, c.detector_tau, c.traversal, c.hostile_inputs, c.batch_sizes,
+                  c.bad_manifests, c.outputs, c.unsigned):
+        group()
+    return c.rows
 
 
 # -- reports ---------------------------------------------------------------------------------------------------

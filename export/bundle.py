@@ -300,6 +300,117 @@ def _shared_features(sites: list) -> bool:
     return True
 
 
+def _load_site(run: Path, site: int, defense: dict | None) -> tuple[cfgmod.Profile, list, object]:
+    """The run's profile, all its sites, and site ``site``, which must have a detector and a denoiser."""
+    from training.runs import load_sites
+
+    profile, sites, _ = load_sites(run, defense=defense)
+    match = [s for s in sites if s.site == site]
+    if not match:
+        raise ValueError(f"{run} has no site {site}; sites: {[s.site for s in sites]}")
+    s = match[0]
+    if s.pipe is None:
+        raise ValueError(f"{run}: no detector and denoiser for this run (method "
+                         f"{profile.federated.method}); only a defended run can be bundled")
+    return profile, sites, s
+
+
+def _signing_key(signing_key: str | Path | None, log) -> Path:
+    """The private key to sign with: ``signing_key``, or this machine's (made on first use); checked readable."""
+    from runtime import signing
+
+    key_path = Path(signing_key) if signing_key else signing.default_signing_key()
+    if not key_path.exists():
+        if signing_key:
+            raise FileNotFoundError(f"{key_path}: no such signing key (make one with `runtime keygen --out {key_path}`)")
+        _, pub = signing.generate_key(key_path)
+        log(f"  made this machine's signing key {key_path}; sites trust its bundles with its public key {pub}")
+    signing.load_private(key_path)  # fail now, not after the export
+    return key_path
+
+
+def _site_graphs(s, sites: list, profile: cfgmod.Profile, ood_refusal_rate: float, log) -> tuple[dict, dict]:
+    """The graphs to export for site ``s`` (classifier, detector, denoiser, ood) and the ood manifest entry."""
+    # the experts, hence psi, are the same at every site; a personalized head's site model is checked below
+    ood_graph, ood = _fit_ood(sites if _shared_features(sites) else [s], profile, ood_refusal_rate, log)
+    graphs = {"classifier": ClassifierGraph(s.classifier).eval(),
+              "detector": detector_graph(s.pipe.detector, profile).eval(),
+              "denoiser": DenoiserGraph(s.pipe.denoiser).eval(),
+              "ood": ood_graph}
+    return graphs, ood
+
+
+def _export_graphs(graphs: dict, profile: cfgmod.Profile, tmp: Path, opset: int, log) -> dict[str, Path]:
+    """Write every graph to ``tmp``: ONNX fp32 and fp16 and ``.pt2`` (the ood graph: fp32 only); the files by key."""
+    size = profile.image_size
+    img = torch.rand(2, 1, size, size)
+    files: dict[str, Path] = {}
+    for name, args, ins, outs in (("classifier", (img,), ["image"], ["probs"]),
+                                  ("detector", (img,), ["image"], ["score"]),
+                                  ("denoiser", (img * 2 - 1, torch.tensor([50.0, 100.0])), ["x_t", "t"], ["eps"])):
+        f32 = tmp / f"{name}.onnx"
+        _export(graphs[name], args, f32, ins, outs, opset)
+        f16 = tmp / f"{name}.fp16.onnx"
+        if name == "detector" and profile.defense.score == "floor":
+            # The noise floor compares Laplacians of ~1e-3 against tau ~1e-3: fp16 cannot resolve that,
+            # and the graph is a convolution and a TopK, so its "fp16" variant computes in fp32.
+            shutil.copyfile(f32, f16)
+        else:
+            _fp16(f32, f16)
+        files[f"{name}.fp32"], files[f"{name}.fp16"] = f32, f16
+        files[f"{name}.pt2"] = _torch_export(graphs[name], args, tmp / f"{name}.pt2")
+        log(f"  exported {name}: {f32.stat().st_size / 1e6:.1f} MB fp32, {f16.stat().st_size / 1e6:.1f} MB fp16")
+    _export(graphs["ood"], (img,), tmp / "ood.onnx", ["image"], ["score"], opset)
+    files["ood.fp32"] = tmp / "ood.onnx"
+    files["ood.pt2"] = _torch_export(graphs["ood"], (img,), tmp / "ood.pt2")
+    return files
+
+
+def _parity_scans(s, parity_scans: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The first ``parity_scans`` validation and test scans of site ``s`` (all when <= 0), each ``([N, 1, S, S], [N])``."""
+    val, test = s.data["val"], s.data["test"]
+    n = len(val) if parity_scans <= 0 else min(len(val), parity_scans)
+    nt = len(test) if parity_scans <= 0 else min(len(test), parity_scans)
+    return (val.images[:n][:, None], val.labels[:n]), (test.images[:nt][:, None], test.labels[:nt])
+
+
+def _site_parity(graphs: dict, files: dict[str, Path], images: np.ndarray, report: np.ndarray, log) -> dict:
+    """:func:`check_parity` on validation ``images`` (raises past a tolerance), and on test scans ``report`` (recorded)."""
+    parity = check_parity(graphs, files, images)
+    parity["split"] = "val"
+    log(f"  parity on {len(images)} validation scans: fp32 probs {parity['fp32']['probs_max_abs']:.1e}, scores "
+        f"{parity['fp32']['score_max_rel']:.1e} rel, eps {parity['fp32']['eps_max_abs']:.1e}; fp16 probs "
+        f"{parity['fp16']['probs_max_abs']:.1e}, {parity['fp16']['prediction_flips']} flips")
+    try:
+        parity["test"] = check_parity(graphs, files, report)
+    except ValueError as err:  # reported, not a gate
+        parity["test"] = {"n_scans": len(report), "passed": False, "reason": str(err)}
+    return parity
+
+
+def _site_metrics(run: Path, site: int, s) -> dict:
+    """The site's scan counts, and the run's robustness figures when ``reports/robustness.json`` exists."""
+    metrics = {"site_val_scans": len(s.data["val"]), "site_test_scans": len(s.data["test"])}
+    rob = run / "reports" / "robustness.json"
+    if rob.exists():
+        rep = json.loads(rob.read_text())
+        metrics["robustness_mean"] = rep.get("mean")
+        metrics["robustness_site"] = next((r for r in rep.get("sites", []) if r.get("site") == site), None)
+    return metrics
+
+
+def _sign_and_place(manifest: dict, tmp: Path, out: Path, key_path: Path, signer: str, log) -> None:
+    """Write ``manifest.json`` into ``tmp``, sign it with ``key_path`` and move ``tmp`` to ``out``."""
+    from runtime import signing
+
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, allow_nan=False))
+    sig = signing.sign_manifest(tmp, key_path, signer=signer, role="export")
+    log(f"  signed with key {sig['key_id']} ({key_path})")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
 def export_site(run: str | Path, site: int, out: str | Path, *, opset: int = OPSET, parity_scans: int = 64,
                 force: bool = False, log=print, defense: dict | None = None, int8: bool = True,
                 signing_key: str | Path | None = None, signer: str | None = None,
@@ -311,94 +422,30 @@ def export_site(run: str | Path, site: int, out: str | Path, *, opset: int = OPS
     ``provenance``: entries that replace the manifest's provenance (a site
     exporting from its deployment state names its run and site here).
     """
-    from runtime import signing
-    from training.runs import load_sites
-
     run, out = Path(run), Path(out)
     if opset < 17:
         raise ValueError(f"opset must be 17 or newer, got {opset}")
     if out.exists() and any(out.iterdir()) and not force:
         raise ValueError(f"{out} exists and is not empty; choose a new --out or pass --force")
-    profile, sites, info = load_sites(run, defense=defense)
-    match = [s for s in sites if s.site == site]
-    if not match:
-        raise ValueError(f"{run} has no site {site}; sites: {[s.site for s in sites]}")
-    s = match[0]
-    if s.pipe is None:
-        raise ValueError(f"{run}: no detector and denoiser for this run (method "
-                         f"{profile.federated.method}); only a defended run can be bundled")
+    profile, sites, s = _load_site(run, site, defense)
     t0 = time.perf_counter()
-    key_path = Path(signing_key) if signing_key else signing.default_signing_key()
-    if not key_path.exists():
-        if signing_key:
-            raise FileNotFoundError(f"{key_path}: no such signing key (make one with `runtime keygen --out {key_path}`)")
-        _, pub = signing.generate_key(key_path)
-        log(f"  made this machine's signing key {key_path}; sites trust its bundles with its public key {pub}")
-    signing.load_private(key_path)  # fail now, not after the export
-    # the experts, hence psi, are the same at every site; a personalized head's site model is checked below
-    ood_graph, ood = _fit_ood(sites if _shared_features(sites) else [s], profile, ood_refusal_rate, log)
-    graphs = {"classifier": ClassifierGraph(s.classifier).eval(),
-              "detector": detector_graph(s.pipe.detector, profile).eval(),
-              "denoiser": DenoiserGraph(s.pipe.denoiser).eval(),
-              "ood": ood_graph}
-    size = profile.image_size
-    img = torch.rand(2, 1, size, size)
+    key_path = _signing_key(signing_key, log)
+    graphs, ood = _site_graphs(s, sites, profile, ood_refusal_rate, log)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out.parent))
     try:
-        files: dict[str, Path] = {}
-        for name, args, ins, outs in (("classifier", (img,), ["image"], ["probs"]),
-                                      ("detector", (img,), ["image"], ["score"]),
-                                      ("denoiser", (img * 2 - 1, torch.tensor([50.0, 100.0])), ["x_t", "t"], ["eps"])):
-            f32 = tmp / f"{name}.onnx"
-            _export(graphs[name], args, f32, ins, outs, opset)
-            f16 = tmp / f"{name}.fp16.onnx"
-            if name == "detector" and profile.defense.score == "floor":
-                # The noise floor compares Laplacians of ~1e-3 against tau ~1e-3: fp16 cannot resolve that,
-                # and the graph is a convolution and a TopK, so its "fp16" variant computes in fp32.
-                shutil.copyfile(f32, f16)
-            else:
-                _fp16(f32, f16)
-            files[f"{name}.fp32"], files[f"{name}.fp16"] = f32, f16
-            files[f"{name}.pt2"] = _torch_export(graphs[name], args, tmp / f"{name}.pt2")
-            log(f"  exported {name}: {f32.stat().st_size / 1e6:.1f} MB fp32, {f16.stat().st_size / 1e6:.1f} MB fp16")
-        _export(graphs["ood"], (img,), tmp / "ood.onnx", ["image"], ["score"], opset)
-        files["ood.fp32"] = tmp / "ood.onnx"
-        files["ood.pt2"] = _torch_export(graphs["ood"], (img,), tmp / "ood.pt2")
+        files = _export_graphs(graphs, profile, tmp, opset, log)
         # the ship gates decide on validation scans; the same figures on test scans are reported beside them
-        val, test = s.data["val"], s.data["test"]
-        n = len(val) if parity_scans <= 0 else min(len(val), parity_scans)
-        images, labels = val.images[:n][:, None], val.labels[:n]
-        parity = check_parity(graphs, files, images)
-        parity["split"] = "val"
-        log(f"  parity on {n} validation scans: fp32 probs {parity['fp32']['probs_max_abs']:.1e}, scores "
-            f"{parity['fp32']['score_max_rel']:.1e} rel, eps {parity['fp32']['eps_max_abs']:.1e}; fp16 probs "
-            f"{parity['fp16']['probs_max_abs']:.1e}, {parity['fp16']['prediction_flips']} flips")
-        nt = len(test) if parity_scans <= 0 else min(len(test), parity_scans)
-        try:
-            parity["test"] = check_parity(graphs, files, test.images[:nt][:, None])
-        except ValueError as err:  # reported, not a gate
-            parity["test"] = {"n_scans": nt, "passed": False, "reason": str(err)}
+        (images, labels), report = _parity_scans(s, parity_scans)
+        parity = _site_parity(graphs, files, images, report[0], log)
         if int8:
-            parity["int8"] = _export_int8(profile, s, files, tmp, images, labels, log,
-                                          report=(test.images[:nt][:, None], test.labels[:nt]))
-        metrics = {"site_val_scans": len(s.data["val"]), "site_test_scans": len(test)}
-        rob = run / "reports" / "robustness.json"
-        if rob.exists():
-            rep = json.loads(rob.read_text())
-            metrics["robustness_mean"] = rep.get("mean")
-            metrics["robustness_site"] = next((r for r in rep.get("sites", []) if r.get("site") == site), None)
+            parity["int8"] = _export_int8(profile, s, files, tmp, images, labels, log, report=report)
         named = {p.name: p for p in files.values()}
         manifest = build_manifest(profile=profile, site=site, run=run, class_names=s.data.class_names, tau=s.pipe.tau,
-                                  n_val=len(s.data["val"]), files=named, split_digest=s.data.digest, metrics=metrics,
-                                  parity=parity, opset=opset, ood=ood)
+                                  n_val=len(s.data["val"]), files=named, split_digest=s.data.digest,
+                                  metrics=_site_metrics(run, site, s), parity=parity, opset=opset, ood=ood)
         manifest["provenance"].update(provenance or {})
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, allow_nan=False))
-        sig = signing.sign_manifest(tmp, key_path, signer=signer or f"export of {run.name} site {site}", role="export")
-        log(f"  signed with key {sig['key_id']} ({key_path})")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _sign_and_place(manifest, tmp, out, key_path, signer or f"export of {run.name} site {site}", log)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -94,6 +94,60 @@ def _global(run: Path) -> tuple[cfgmod.Profile, int]:
     return profile, rounds["classifier"]
 
 
+def _site_checkpoint(ck_file: Path, profile: cfgmod.Profile, run: Path) -> dict:
+    """The site's ``classifier.pt``, refused unless it is a classifier checkpoint of ``run``'s configuration."""
+    try:
+        ck = load_checkpoint(ck_file)
+    except ValueError as err:  # a truncated or foreign file
+        raise ValueError(_one_line(err)) from None
+    try:
+        trained_with = cfgmod.from_dict(ck["config"])
+    except Exception as err:  # another kind of checkpoint
+        raise ValueError(f"{ck_file}: not a site's classifier checkpoint ({_one_line(err)})") from None
+    if "model" not in ck or "split_digest" not in ck:
+        raise ValueError(f"{ck_file}: not a site's classifier checkpoint (no model or split digest)")
+    if trained_with != task.classifier_profile(profile):
+        raise ValueError(f"{ck_file} was trained with another configuration than {run}/config.toml: "
+                         "the state folder and the run folder are not from the same run")
+    return ck
+
+
+def _load_site_arrays(model: torch.nn.Module, profile: cfgmod.Profile, run: Path, local_file: Path) -> None:
+    """Load into ``model`` the global arrays of ``run/server/classifier.pt`` and the site's own of ``local_file``."""
+    keys = task.local_keys("classifier", model, profile)
+    shared = _tensors(run / "server" / "classifier.pt", "the global classifier arrays")
+    local = _tensors(local_file, "the site's classifier arrays")
+    state = model.state_dict()
+    for what, source, wanted in ((f"{run}/server/classifier.pt", shared, set(state) - keys),
+                                 (str(local_file), local, keys)):
+        missing = sorted(wanted - set(source))
+        if missing:
+            raise ValueError(f"{what} lacks {len(missing)} array(s) of the classifier (first: {missing[0]}): "
+                             "not from this run's configuration")
+    state.update({k: v for k, v in shared.items() if k in state and k not in keys})
+    state.update({k: v for k, v in local.items() if k in keys})
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"the arrays of {run}/server/classifier.pt and {local_file} do not fit the run's "
+                         f"classifier ({_one_line(err)})") from None
+
+
+def _check_same_run(ck: dict, model: torch.nn.Module, ck_file: Path, run: Path, local_file: Path, last: int) -> None:
+    """Refuse a checkpoint written after round ``last``, or at it with arrays other than ``model``'s."""
+    epoch = int(ck.get("epoch", 0))
+    if epoch > last:
+        raise ValueError(f"{ck_file} is from round {epoch}, after the last round {last} of {run}: "
+                         "the state folder and the run folder are not from the same run")
+    if epoch == last:  # written after the last evaluation: the same arrays
+        saved, now = ck["model"], model.state_dict()
+        differ = [k for k in now if k not in saved or not torch.equal(saved[k], now[k])]
+        if differ:
+            raise ValueError(f"{ck_file} differs from {run}/server/classifier.pt + {local_file.name} "
+                             f"({len(differ)} array(s), first: {differ[0]}): the state folder and the run folder "
+                             "are not from the same run")
+
+
 def site_classifier(state_dir: str | Path, run: str | Path) -> tuple[cfgmod.Profile, torch.nn.Module, dict]:
     """The site's classifier after the run's last round: the global experts of ``run`` + the site's own arrays.
 
@@ -112,49 +166,11 @@ def site_classifier(state_dir: str | Path, run: str | Path) -> tuple[cfgmod.Prof
     if not local_file.is_file():
         raise FileNotFoundError(f"{local_file} is missing: the site's own arrays after the run's last round {last} "
                                 "(did the site take part in it?)")
-    try:
-        ck = load_checkpoint(ck_file)
-    except ValueError as err:  # a truncated or foreign file
-        raise ValueError(_one_line(err)) from None
-    try:
-        trained_with = cfgmod.from_dict(ck["config"])
-    except Exception as err:  # another kind of checkpoint
-        raise ValueError(f"{ck_file}: not a site's classifier checkpoint ({_one_line(err)})") from None
-    if "model" not in ck or "split_digest" not in ck:
-        raise ValueError(f"{ck_file}: not a site's classifier checkpoint (no model or split digest)")
-    if trained_with != task.classifier_profile(profile):
-        raise ValueError(f"{ck_file} was trained with another configuration than {run}/config.toml: "
-                         "the state folder and the run folder are not from the same run")
+    ck = _site_checkpoint(ck_file, profile, run)
     model = task.build_model("classifier", profile)
-    keys = task.local_keys("classifier", model, profile)
-    shared = _tensors(run / "server" / "classifier.pt", "the global classifier arrays")
-    local = _tensors(local_file, "the site's classifier arrays")
-    state = model.state_dict()
-    for what, source, wanted in ((f"{run}/server/classifier.pt", shared, set(state) - keys),
-                                 (str(local_file), local, keys)):
-        missing = sorted(wanted - set(source))
-        if missing:
-            raise ValueError(f"{what} lacks {len(missing)} array(s) of the classifier (first: {missing[0]}): "
-                             "not from this run's configuration")
-    state.update({k: v for k, v in shared.items() if k in state and k not in keys})
-    state.update({k: v for k, v in local.items() if k in keys})
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise ValueError(f"the arrays of {run}/server/classifier.pt and {local_file} do not fit the run's "
-                         f"classifier ({_one_line(err)})") from None
+    _load_site_arrays(model, profile, run, local_file)
     model.eval()
-    epoch = int(ck.get("epoch", 0))
-    if epoch > last:
-        raise ValueError(f"{ck_file} is from round {epoch}, after the last round {last} of {run}: "
-                         "the state folder and the run folder are not from the same run")
-    if epoch == last:  # written after the last evaluation: the same arrays
-        saved, now = ck["model"], model.state_dict()
-        differ = [k for k in now if k not in saved or not torch.equal(saved[k], now[k])]
-        if differ:
-            raise ValueError(f"{ck_file} differs from {run}/server/classifier.pt + {local_file.name} "
-                             f"({len(differ)} array(s), first: {differ[0]}): the state folder and the run folder "
-                             "are not from the same run")
+    _check_same_run(ck, model, ck_file, run, local_file, last)
     return profile, model, ck
 
 

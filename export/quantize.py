@@ -92,6 +92,58 @@ class _Eps:
         return self.session.run(None, {"x_t": x_t, "t": t})[0]
 
 
+def _eps_abs_sums(p32, p8, xb: np.ndarray, t_star: int, noise: np.ndarray) -> tuple[float, float]:
+    """The sums of ``|eps_int8 - eps_fp32|`` and of ``|eps_fp32|`` on ``xb`` noised to ``t_star`` with ``noise``."""
+    h = schedule.q_sample(xb, t_star, noise, p32.abar)
+    t = np.full(len(xb), t_star, np.float32)
+    e32, e8 = p32.engine.eps(h, t), p8.engine.eps(h, t)
+    return float(np.abs(e8 - e32).sum()), float(np.abs(e32).sum())
+
+
+def _purify_three_ways(p32, p8, x: np.ndarray, t_star: int, rng) -> tuple[dict, dict, float]:
+    """Purify ``x`` in batches of 16 with fp32 and int8 (the same noise) and with fp32 and another noise draw.
+
+    Returns the purified images of each (``fp32``, ``int8``, ``other_noise``),
+    the mean absolute difference of ``int8`` and ``other_noise`` to ``fp32``,
+    and the relative error of the int8 epsilon.
+    """
+    diff = {"int8": [], "other_noise": []}
+    pur = {"fp32": [], "int8": [], "other_noise": []}
+    eps_num, eps_den = 0.0, 0.0
+    for i in range(0, len(x), 16):
+        xb = x[i : i + 16]
+        noise = rng.standard_normal(xb.shape).astype(np.float32)
+        other = rng.standard_normal(xb.shape).astype(np.float32)
+        # The same generator state for fp32 and int8 (ancestral steps draw more noise), another one for the yardstick.
+        same = int(rng.integers(2**31))
+        a32 = p32.purify(xb, t_star, np.random.default_rng(same), noise=noise)
+        a8 = p8.purify(xb, t_star, np.random.default_rng(same), noise=noise)
+        ao = p32.purify(xb, t_star, np.random.default_rng(same + 1), noise=other)
+        diff["int8"].append(np.abs(a8 - a32).mean(axis=(1, 2, 3)))
+        diff["other_noise"].append(np.abs(ao - a32).mean(axis=(1, 2, 3)))
+        pur["fp32"].append(a32)
+        pur["int8"].append(a8)
+        pur["other_noise"].append(ao)
+        num, den = _eps_abs_sums(p32, p8, xb, t_star, noise)
+        eps_num += num
+        eps_den += den
+    return pur, {k: float(np.concatenate(v).mean()) for k, v in diff.items()}, eps_num / max(eps_den, 1e-12)
+
+
+def _int8_problems(res: dict) -> list[str]:
+    """What in the parity record ``res`` is past :data:`INT8_TOLERANCES` (empty when it passes)."""
+    problems = []
+    limit = INT8_TOLERANCES["purified_vs_noise"] * res["purified_mean_abs_other_noise_vs_fp32"]
+    if res["purified_mean_abs_int8_vs_fp32"] > limit:
+        problems.append(f"int8 purified images differ from fp32 by {res['purified_mean_abs_int8_vs_fp32']:.4f} "
+                        f"(mean abs), more than {INT8_TOLERANCES['purified_vs_noise']} of another noise draw's "
+                        f"{res['purified_mean_abs_other_noise_vs_fp32']:.4f}")
+    if res["prediction_flips_int8"] > res["prediction_flips_other_noise"] + INT8_TOLERANCES["extra_flips"]:
+        problems.append(f"int8 purification flips {res['prediction_flips_int8']} predictions, another noise draw "
+                        f"{res['prediction_flips_other_noise']}")
+    return problems
+
+
 def int8_parity(sessions: dict, images: np.ndarray, labels: np.ndarray, purify_cfg, t_star: int,
                 seed: int = 0, check: bool = True) -> dict:
     """Purification with the int8 denoiser against fp32 on ``images [N, 1, S, S]``; raises ValueError past a tolerance.
@@ -109,37 +161,16 @@ def int8_parity(sessions: dict, images: np.ndarray, labels: np.ndarray, purify_c
 
     p32 = Pipeline(_Eps(sessions["denoiser.fp32"]), purify_cfg)
     p8 = Pipeline(_Eps(sessions["denoiser.int8"]), purify_cfg)
-    rng = np.random.default_rng(seed)
     x = images.astype(np.float32)
-    d_int8, d_noise, eps_num, eps_den = [], [], 0.0, 0.0
-    pur = {"fp32": [], "int8": [], "other_noise": []}
-    for i in range(0, len(x), 16):
-        xb = x[i : i + 16]
-        noise = rng.standard_normal(xb.shape).astype(np.float32)
-        other = rng.standard_normal(xb.shape).astype(np.float32)
-        # The same generator state for fp32 and int8 (ancestral steps draw more noise), another one for the yardstick.
-        same = int(rng.integers(2**31))
-        a32 = p32.purify(xb, t_star, np.random.default_rng(same), noise=noise)
-        a8 = p8.purify(xb, t_star, np.random.default_rng(same), noise=noise)
-        ao = p32.purify(xb, t_star, np.random.default_rng(same + 1), noise=other)
-        d_int8.append(np.abs(a8 - a32).mean(axis=(1, 2, 3)))
-        d_noise.append(np.abs(ao - a32).mean(axis=(1, 2, 3)))
-        pur["fp32"].append(a32)
-        pur["int8"].append(a8)
-        pur["other_noise"].append(ao)
-        h = schedule.q_sample(xb, t_star, noise, p32.abar)
-        t = np.full(len(xb), t_star, np.float32)
-        e32, e8 = p32.engine.eps(h, t), p8.engine.eps(h, t)
-        eps_num += float(np.abs(e8 - e32).sum())
-        eps_den += float(np.abs(e32).sum())
+    pur, diff, eps_rel = _purify_three_ways(p32, p8, x, t_star, np.random.default_rng(seed))
     clf = sessions["classifier.fp32"]
     pred = {k: np.concatenate([clf.run(None, {"image": a})[0].argmax(1) for a in v]) for k, v in pur.items()}
     labels = np.asarray(labels)
     res = {
         "n_scans": int(len(x)), "t_star": int(t_star),
-        "purified_mean_abs_int8_vs_fp32": float(np.concatenate(d_int8).mean()),
-        "purified_mean_abs_other_noise_vs_fp32": float(np.concatenate(d_noise).mean()),
-        "eps_rel_error": eps_num / max(eps_den, 1e-12),
+        "purified_mean_abs_int8_vs_fp32": diff["int8"],
+        "purified_mean_abs_other_noise_vs_fp32": diff["other_noise"],
+        "eps_rel_error": eps_rel,
         "prediction_flips_int8": int((pred["int8"] != pred["fp32"]).sum()),
         "prediction_flips_other_noise": int((pred["other_noise"] != pred["fp32"]).sum()),
         "accuracy_fp32": float((pred["fp32"] == labels).mean()),
@@ -147,15 +178,7 @@ def int8_parity(sessions: dict, images: np.ndarray, labels: np.ndarray, purify_c
         "accuracy_other_noise": float((pred["other_noise"] == labels).mean()),
         "tolerances": dict(INT8_TOLERANCES),
     }
-    problems = []
-    limit = INT8_TOLERANCES["purified_vs_noise"] * res["purified_mean_abs_other_noise_vs_fp32"]
-    if res["purified_mean_abs_int8_vs_fp32"] > limit:
-        problems.append(f"int8 purified images differ from fp32 by {res['purified_mean_abs_int8_vs_fp32']:.4f} "
-                        f"(mean abs), more than {INT8_TOLERANCES['purified_vs_noise']} of another noise draw's "
-                        f"{res['purified_mean_abs_other_noise_vs_fp32']:.4f}")
-    if res["prediction_flips_int8"] > res["prediction_flips_other_noise"] + INT8_TOLERANCES["extra_flips"]:
-        problems.append(f"int8 purification flips {res['prediction_flips_int8']} predictions, another noise draw "
-                        f"{res['prediction_flips_other_noise']}")
+    problems = _int8_problems(res)
     res["passed"] = not problems
     if problems:
         res["problems"] = problems

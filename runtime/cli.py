@@ -413,35 +413,36 @@ def cmd_info(args) -> int:
     return 0
 
 
-def cmd_calibrate(args) -> int:
-    import datetime as dt
-    import json
-    import shutil
-
-    from runtime.bundle import Bundle
-    from runtime.engines import make_engine
-
-    if not 0.0 < args.flag_rate < 1.0:
-        raise ValueError(f"--flag-rate must be in (0, 1), got {args.flag_rate}")
-    from runtime import signing
-    from runtime.bundle import MAX_SCORE
-
-    bundle = Bundle.load(args.bundle, **_trust_args(args))
-    out = Path(args.out)
+def _calibration_out(out: str, bundle) -> Path:
+    """``--out`` of ``runtime calibrate``: a new or empty folder, other than the bundle, in a writable folder."""
+    out = Path(out)
     if out.resolve() == bundle.path.resolve():
         raise ValueError("--out must be a new folder; the original bundle is kept as it is")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not an empty folder; choose a new --out")
     if not out.parent.is_dir() or not os.access(out.parent, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out}: folder {out.parent} does not exist or is not writable")
-    key_path = Path(args.signing_key) if args.signing_key else signing.default_signing_key()
+    return out
+
+
+def _site_signing_key(signing_key: str | None):
+    """The site's private key path (``--signing-key``, or this machine's, made on first use) and its public key."""
+    from runtime import signing
+
+    key_path = Path(signing_key) if signing_key else signing.default_signing_key()
     if not key_path.exists():
-        if args.signing_key:
+        if signing_key:
             raise ValueError(f"--signing-key {key_path}: no such key (make one with `runtime keygen --out {key_path}`)")
         _, pub = signing.generate_key(key_path)
         print(f"made this site's signing key {key_path} (public key {pub})", file=sys.stderr)
-    site_key = signing.load_private(key_path)
-    site_pub = signing.load_public(key_path)
+    signing.load_private(key_path)  # fail now, not after scoring
+    return key_path, signing.load_public(key_path)
+
+
+def _clean_scores(args, bundle) -> tuple[np.ndarray, int]:
+    """Detection scores of the readable scans of ``--clean`` (fp32), and how many could not be read."""
+    from runtime.engines import make_engine
+
     files, missing = _inputs(args.clean)
     for f, reason in missing:
         print(f"skipped {f}: {reason}", file=sys.stderr)
@@ -460,31 +461,54 @@ def cmd_calibrate(args) -> int:
             scores.append(np.asarray(engine.score(np.stack(xs)[:, None].astype(np.float32))))
         if not args.quiet and len(files) > args.batch_size:
             print(f"  {min(start + args.batch_size, len(files))}/{len(files)} clean scans scored", file=sys.stderr)
-    s = np.concatenate(scores) if scores else np.zeros(0)
-    if len(s) < args.min_scans:
-        raise ValueError(f"only {len(s)} readable clean scans; at least {args.min_scans} are needed to set tau "
-                         f"at a {args.flag_rate:g} flag rate")
-    tau = float(np.quantile(s.astype(np.float64), 1.0 - args.flag_rate))
+    return (np.concatenate(scores) if scores else np.zeros(0)), skipped
+
+
+def _clean_tau(s: np.ndarray, flag_rate: float, min_scans: int) -> float:
+    """tau: the ``1 - flag_rate`` quantile of the clean scores ``s``; refused with too few scans or out of range."""
+    from runtime.bundle import MAX_SCORE
+
+    if len(s) < min_scans:
+        raise ValueError(f"only {len(s)} readable clean scans; at least {min_scans} are needed to set tau "
+                         f"at a {flag_rate:g} flag rate")
+    tau = float(np.quantile(s.astype(np.float64), 1.0 - flag_rate))
     if not np.isfinite(tau) or not 0.0 <= tau <= MAX_SCORE:
         raise ValueError(f"the clean scans give tau {tau!r}, outside [0, {MAX_SCORE}]: are they scans of this kind?")
-    del site_key
+    return tau
+
+
+def _calibrated_manifest(bundle, args, tau: float, n_scans: int) -> dict:
+    """A copy of the bundle's manifest with tau and its calibration replaced; the previous ones recorded in it."""
+    import datetime as dt
+    import json
+
     m = json.loads(json.dumps(bundle.manifest))
     old = m["detector"]
     m["detector"] = {**old, "tau": tau, "calibration": {
         "rule": old["calibration"].get("rule", "tau"), "flag_rate": args.flag_rate, "split": "site clean scans",
-        "n_scans": int(len(s)), "source": str(Path(args.clean[0]) if len(args.clean) == 1 else args.clean),
+        "n_scans": n_scans, "source": str(Path(args.clean[0]) if len(args.clean) == 1 else args.clean),
         "statistic": "quantile 1 - flag_rate of clean scores", "engine": args.engine,
         "calibrated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "previous": {"tau": old["tau"], "calibration": old.get("calibration"),
                      "signed_by": bundle.signature.key_id, "signer": bundle.signature.signer}}}
+    return m
+
+
+def _write_signed_copy(bundle, m: dict, out: Path, key_path: Path, site_pub, signer: str) -> dict:
+    """Write the bundle's files with manifest ``m`` to ``out``, signed with ``key_path`` and verified; the signature."""
+    import json
+    import shutil
+
+    from runtime import signing
+    from runtime.bundle import Bundle
+
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         tmp.mkdir()
         for name in m["files"]:  # plain names inside the bundle: Bundle.load checked every one
             shutil.copyfile(bundle.path / name, tmp / name)
         (tmp / "manifest.json").write_text(json.dumps(m, indent=1, allow_nan=False))
-        sig = signing.sign_manifest(tmp, key_path, signer=args.signer or f"site calibration ({out.name})",
-                                    role="site calibration")
+        sig = signing.sign_manifest(tmp, key_path, signer=signer, role="site calibration")
         trusted = {signing.key_id(site_pub): (site_pub, str(key_path))}
         signing.verify_manifest(tmp, (tmp / "manifest.json").read_bytes(), trusted=trusted)
         Bundle.load(tmp, allow_unsigned=True)  # the copy verifies against its manifest
@@ -494,9 +518,25 @@ def cmd_calibrate(args) -> int:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    print(f"tau {tau:.6g} (was {old['tau']:.6g}) from {len(s)} clean scans at a {args.flag_rate:g} flag rate"
-          f"{f'; {skipped} unreadable skipped' if skipped else ''}; new bundle {out}, signed with key {sig['key_id']} "
-          f"({key_path}; a scanner trusts it with --trusted-key {key_path.with_suffix('.pub')})")
+    return sig
+
+
+def cmd_calibrate(args) -> int:
+    from runtime.bundle import Bundle
+
+    if not 0.0 < args.flag_rate < 1.0:
+        raise ValueError(f"--flag-rate must be in (0, 1), got {args.flag_rate}")
+    bundle = Bundle.load(args.bundle, **_trust_args(args))
+    out = _calibration_out(args.out, bundle)
+    key_path, site_pub = _site_signing_key(args.signing_key)
+    s, skipped = _clean_scores(args, bundle)
+    tau = _clean_tau(s, args.flag_rate, args.min_scans)
+    m = _calibrated_manifest(bundle, args, tau, int(len(s)))
+    sig = _write_signed_copy(bundle, m, out, key_path, site_pub, args.signer or f"site calibration ({out.name})")
+    print(f"tau {tau:.6g} (was {bundle.manifest['detector']['tau']:.6g}) from {len(s)} clean scans at a "
+          f"{args.flag_rate:g} flag rate{f'; {skipped} unreadable skipped' if skipped else ''}; new bundle {out}, "
+          f"signed with key {sig['key_id']} ({key_path}; a scanner trusts it with --trusted-key "
+          f"{key_path.with_suffix('.pub')})")
     return 0
 
 

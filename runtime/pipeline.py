@@ -141,32 +141,19 @@ class Pipeline:
 
     MODES = ("adaptive", "always", "classify")
 
-    def run(self, x: np.ndarray, seed: int | np.ndarray = 0, mode: str = "adaptive") -> dict:
-        """``x [N, 1, S, S]`` float32 in [0, 1] -> probabilities, scores, flags, t*, seeds, OOD scores, timings.
-
-        ``seed``: one noise seed per scan (``[N]``), or an int ``s`` meaning
-        ``s, s + 1, ...``; ``[N, D]`` purifies each flagged scan ``D`` times
-        (draw ``d`` with seed ``[i, d]``) and averages the ``D``
-        probabilities, which makes the answer depend less on the noise. ``mode="adaptive"`` is the defense (purify the
-        flagged scans). The two others exist to price it: ``"always"``
-        purifies every scan (t* from the score, at least ``t_min``) and
-        ``"classify"`` runs the classifier alone (no detection, no
-        purification). When the engine has an out-of-distribution graph,
-        ``ood`` holds its scores and ``refused`` the scans above the bundle's
-        threshold (they are still computed; the caller withholds their
-        diagnosis).
-        """
-        if mode not in self.MODES:
-            raise ValueError(f"unknown pipeline mode {mode!r}; choose one of {self.MODES}")
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        n = len(x)
+    @staticmethod
+    def _seed_table(seed: int | np.ndarray, n: int) -> np.ndarray:
+        """``[N, D]`` noise seeds from an int ``s`` (``s, s + 1, ...``), ``[N]`` seeds or ``[N, D]`` seeds."""
         seeds = (np.arange(n, dtype=np.int64) + int(seed)) if np.isscalar(seed) else np.asarray(seed, np.int64)
         if seeds.ndim == 1:
             seeds = seeds[:, None]
         if seeds.ndim != 2 or seeds.shape[0] != n or seeds.shape[1] < 1:
             raise ValueError(f"{seeds.shape} seeds for {n} scans")
-        draws = seeds.shape[1]
-        timings = {"ood": 0.0, "detect": 0.0, "purify": 0.0, "classify": 0.0}
+        return seeds
+
+    def _out_of_distribution(self, x: np.ndarray, mode: str, timings: dict) -> tuple[np.ndarray, np.ndarray]:
+        """OOD scores ``[N]`` and refusals ``[N]`` of ``x`` (zeros and none without a threshold or in ``classify``)."""
+        n = len(x)
         ood = np.zeros(n, np.float32)
         if self.ood_threshold is not None and mode != "classify":
             t0 = time.perf_counter()
@@ -174,20 +161,12 @@ class Pipeline:
             timings["ood"] = time.perf_counter() - t0
         refused = ~(ood <= self.ood_threshold) if self.ood_threshold is not None and mode != "classify" \
             else np.zeros(n, bool)
-        if mode == "classify":
-            t0 = time.perf_counter()
-            probs = np.asarray(self.engine.classify(x), dtype=np.float32)
-            zeros = np.zeros(n, np.float32)
-            timings["classify"] = time.perf_counter() - t0
-            return {"probs": probs, "scores": zeros, "flagged": zeros.astype(bool), "t_star": zeros.astype(np.int64),
-                    "seeds": seeds, "ood": ood, "refused": refused, "timings": timings}
-        t0 = time.perf_counter()
-        scores = np.asarray(self.engine.score(x), dtype=np.float32)
-        timings["detect"] = time.perf_counter() - t0
-        flagged = scores > self.cfg.tau
-        if mode == "always":
-            flagged = np.ones(n, bool)
-        t_star = np.where(flagged, t_star_of(scores, self.cfg), 0)
+        return ood, refused
+
+    def _classify_purified(self, x: np.ndarray, flagged: np.ndarray, t_star: np.ndarray, seeds: np.ndarray,
+                           timings: dict) -> np.ndarray:
+        """Probabilities ``[N, C]`` of ``x`` with the flagged scans purified at their t*, the mean over seed draws."""
+        draws = seeds.shape[1]
         probs = None
         for d in range(draws if flagged.any() else 1):  # each draw purifies the flagged scans with its own noise
             t0 = time.perf_counter()
@@ -207,5 +186,45 @@ class Pipeline:
                 probs[flagged] += p
         if draws > 1 and flagged.any():
             probs[flagged] /= draws  # the mean of the draws' probabilities
+        return probs
+
+    def run(self, x: np.ndarray, seed: int | np.ndarray = 0, mode: str = "adaptive") -> dict:
+        """``x [N, 1, S, S]`` float32 in [0, 1] -> probabilities, scores, flags, t*, seeds, OOD scores, timings.
+
+        ``seed``: one noise seed per scan (``[N]``), or an int ``s`` meaning
+        ``s, s + 1, ...``; ``[N, D]`` purifies each flagged scan ``D`` times
+        (draw ``d`` with seed ``[i, d]``) and averages the ``D``
+        probabilities, which makes the answer depend less on the noise. ``mode="adaptive"`` is the defense (purify the
+        flagged scans). The two others exist to price it: ``"always"``
+        purifies every scan (t* from the score, at least ``t_min``) and
+        ``"classify"`` runs the classifier alone (no detection, no
+        purification). When the engine has an out-of-distribution graph,
+        ``ood`` holds its scores and ``refused`` the scans above the bundle's
+        threshold (they are still computed; the caller withholds their
+        diagnosis).
+        """
+        if mode not in self.MODES:
+            raise ValueError(f"unknown pipeline mode {mode!r}; choose one of {self.MODES}")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        n = len(x)
+        seeds = self._seed_table(seed, n)
+        timings = {"ood": 0.0, "detect": 0.0, "purify": 0.0, "classify": 0.0}
+        ood, refused = self._out_of_distribution(x, mode, timings)
+        if mode == "classify":
+            t0 = time.perf_counter()
+            probs = np.asarray(self.engine.classify(x), dtype=np.float32)
+            zeros = np.zeros(n, np.float32)
+            timings["classify"] = time.perf_counter() - t0
+            return {"probs": probs, "scores": zeros, "flagged": zeros.astype(bool), "t_star": zeros.astype(np.int64),
+                    "seeds": seeds, "ood": ood, "refused": refused, "timings": timings}
+        t0 = time.perf_counter()
+        scores = np.asarray(self.engine.score(x), dtype=np.float32)
+        timings["detect"] = time.perf_counter() - t0
+        flagged = scores > self.cfg.tau
+        if mode == "always":
+            flagged = np.ones(n, bool)
+        t_star = np.where(flagged, t_star_of(scores, self.cfg), 0)
+        probs = self._classify_purified(x, flagged, t_star, seeds, timings)
         return {"probs": probs, "scores": scores, "flagged": flagged, "t_star": t_star,
-                "seeds": seeds[:, 0] if draws == 1 else seeds, "ood": ood, "refused": refused, "timings": timings}
+                "seeds": seeds[:, 0] if seeds.shape[1] == 1 else seeds, "ood": ood, "refused": refused,
+                "timings": timings}

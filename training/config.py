@@ -369,8 +369,9 @@ class Profile:
 COMPONENTS = ("classifier", "detector", "denoiser")
 
 
-def _profiles() -> dict[str, Profile]:
-    tiny = Profile(
+def _tiny() -> Profile:
+    """Tests and smoke runs: the smallest models that still train."""
+    return Profile(
         name="tiny",
         preprocess=PreprocessConfig(size=32),
         classifier=ClassifierConfig(
@@ -393,7 +394,11 @@ def _profiles() -> dict[str, Profile]:
                                   train_attack=AttackConfig(steps=2, step=0.0075),
                                   eval_attack=AttackConfig(steps=3, step=0.005)),
     )
-    edge = Profile(
+
+
+def _edge() -> Profile:
+    """The measured profile: 112 px, narrow backbones, a CPU-sized U-Net."""
+    return Profile(
         name="edge",
         preprocess=PreprocessConfig(size=112),
         classifier=ClassifierConfig(
@@ -412,7 +417,11 @@ def _profiles() -> dict[str, Profile]:
             optim=OptimConfig(epochs=20, batch_size=32, lr=2e-3, weight_decay=0.0, warmup_epochs=1),
         ),
     )
-    paper = Profile(
+
+
+def _paper() -> Profile:
+    """The paper's sizes: 224 px, ResNet-18 experts, the paper's epochs."""
+    return Profile(
         name="paper",
         preprocess=PreprocessConfig(size=224),
         classifier=ClassifierConfig(
@@ -422,9 +431,12 @@ def _profiles() -> dict[str, Profile]:
         detector=DetectorConfig(optim=OptimConfig(epochs=100, batch_size=64, lr=1.5e-4, weight_decay=0.05)),
         denoiser=DenoiserConfig(optim=OptimConfig(epochs=100, batch_size=32, lr=2e-4, weight_decay=0.0)),
     )
-    # The embedded default's profile (``make demo``): tiny models on 48 px phantoms, four sites with
-    # one scanner profile each, a few rounds; a few minutes on a 2-core CPU.
-    demo = replace(
+
+
+def _demo(tiny: Profile) -> Profile:
+    """The embedded default's profile (``make demo``): tiny models on 48 px phantoms, four sites with
+    one scanner profile each, a few rounds; a few minutes on a 2-core CPU."""
+    return replace(
         tiny,
         name="demo",
         preprocess=PreprocessConfig(size=48),
@@ -433,7 +445,11 @@ def _profiles() -> dict[str, Profile]:
                           defense_rounds=2, defense_local_epochs=2, eval_max=32,
                           train_attack=AttackConfig(steps=3, step=0.006), eval_attack=AttackConfig()),
     )
-    return {p.name: p for p in (tiny, demo, edge, paper)}
+
+
+def _profiles() -> dict[str, Profile]:
+    tiny = _tiny()
+    return {p.name: p for p in (tiny, _demo(tiny), _edge(), _paper())}
 
 
 PROFILES: dict[str, Profile] = _profiles()

@@ -89,6 +89,87 @@ def _pooled(site: Site, clean: dict, n_clean: int, seed: int, batch_size: int = 
     return _through(site, x, torch.as_tensor(t.labels).long(), seed, batch_size)
 
 
+def _without_scores(res: dict) -> dict:
+    return {k: v for k, v in res.items() if k != "scores"}
+
+
+def _clean_figures(site: Site, x: torch.Tensor, y: torch.Tensor, seed: int, batch_size: int) -> tuple[dict, dict]:
+    """(the site's row with its clean figures, the clean result with its detection scores)."""
+    row: dict = {"site": site.site, "n_test": int(len(y))}
+    with torch.no_grad():
+        pred = torch.cat([site.classifier(x[i : i + 64]).argmax(1) for i in range(0, len(x), 64)])
+    row["clean_acc_classifier_only"] = float((pred == y).float().mean())
+    clean = _through(site, x, y, seed)
+    row["clean"] = _without_scores(clean)
+    row["pooled"] = _without_scores(_pooled(site, row["clean"], len(y), seed + 4, batch_size))
+    if site.pipe is not None:
+        row["tau"] = site.pipe.tau
+    return row, clean
+
+
+def _paper_threats(row: dict, site: Site, x: torch.Tensor, y: torch.Tensor, clean: dict, g: torch.Generator,
+                   seed: int, batch_size: int) -> None:
+    """PGD L-inf and L2 in the paper's setting, crafted on the site's classifier, added to ``row``."""
+    for name, cfg in (("pgd_linf", PAPER_LINF), ("pgd_l2", PAPER_L2)):
+        adv = _attack_batched(pgd, site.classifier, x, y, cfg, g, batch_size)
+        res = _through(site, adv, y, seed + 1)
+        if "scores" in res:
+            res["detection_auc"] = roc_auc(clean["scores"], res["scores"])
+            if name == "pgd_linf":
+                row["_roc"] = roc_curve(clean["scores"], res["scores"])
+        row[name] = _without_scores(res)
+
+
+def _adaptive_threat(site: Site, x: torch.Tensor, y: torch.Tensor, adaptive: AdaptiveConfig, adaptive_max: int,
+                     g: torch.Generator, seed: int, batch_size: int) -> dict:
+    """Adaptive PGD on the whole pipeline over the first ``adaptive_max`` scans (0: all)."""
+    n_a = min(len(y), adaptive_max) if adaptive_max > 0 else len(y)
+    adv = _attack_batched(adaptive_pgd, site.pipe, x[:n_a], y[:n_a], adaptive, g, batch_size)
+    res = _through(site, adv, y[:n_a], seed + 2)
+    clean_a = _through(site, x[:n_a], y[:n_a], seed)
+    res["detection_auc"] = roc_auc(clean_a["scores"], res["scores"])
+    res["clean_acc_same_scans"] = clean_a["acc"]
+    return _without_scores(res)
+
+
+def _transfer_threat(site: Site, sites: list[Site], x: torch.Tensor, y: torch.Tensor, g: torch.Generator, seed: int,
+                     batch_size: int) -> dict:
+    """Paper-setting PGD L-inf crafted on the next site's classifier."""
+    src = sites[(sites.index(site) + 1) % len(sites)]
+    adv = _attack_batched(pgd, src.classifier, x, y, PAPER_LINF, g, batch_size)
+    res = _through(site, adv, y, seed + 3)
+    res["source_site"] = src.site
+    return _without_scores(res)
+
+
+def _evaluate_site(site: Site, sites: list[Site], x: torch.Tensor, y: torch.Tensor, threats: tuple[str, ...], *,
+                   adaptive: AdaptiveConfig, adaptive_max: int, seed: int, batch_size: int) -> dict:
+    """One site's row: clean figures, then each threat in ``threats`` on its test scans ``x``, ``y``."""
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(seed + 1000 * site.site)
+    row, clean = _clean_figures(site, x, y, seed, batch_size)
+    if "paper" in threats:
+        _paper_threats(row, site, x, y, clean, g, seed, batch_size)
+    if "adaptive" in threats and site.pipe is not None:
+        row["adaptive"] = _adaptive_threat(site, x, y, adaptive, adaptive_max, g, seed, batch_size)
+    if "transfer" in threats and len(sites) > 1:
+        row["transfer_linf"] = _transfer_threat(site, sites, x, y, g, seed, batch_size)
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+def _write_report(out: Path, report: dict, rows: list[dict], tag: str) -> None:
+    """``robustness[-tag].json`` / ``.md`` and, where there are detection scores, ``roc[-tag].png`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    rocs = [(r["site"], r["_roc"]) for r in rows if "_roc" in r]
+    suffix = f"-{tag}" if tag else ""
+    if rocs:
+        _roc_plot(rocs, out / f"roc{suffix}.png")
+    report["files"] = [f"robustness{suffix}.md", f"robustness{suffix}.json"] + ([f"roc{suffix}.png"] if rocs else [])
+    (out / f"robustness{suffix}.json").write_text(json.dumps(report, indent=1))
+    (out / f"robustness{suffix}.md").write_text(render_markdown(report, roc=f"roc{suffix}.png" if rocs else ""))
+
+
 def evaluate_run(run: str | Path, threats: tuple[str, ...] = ("paper",), *, command: str = "", max_scans: int = 0,
                  adaptive_max: int = 64,
                  adaptive: AdaptiveConfig | None = None, seed: int = 0, batch_size: int = 32, log=print,
@@ -110,42 +191,8 @@ def evaluate_run(run: str | Path, threats: tuple[str, ...] = ("paper",), *, comm
         if len(y) == 0:
             log(f"site {site.site}: no test scans, skipped")
             continue
-        t0 = time.perf_counter()
-        g = torch.Generator().manual_seed(seed + 1000 * site.site)
-        row: dict = {"site": site.site, "n_test": int(len(y))}
-        with torch.no_grad():
-            pred = torch.cat([site.classifier(x[i : i + 64]).argmax(1) for i in range(0, len(x), 64)])
-        row["clean_acc_classifier_only"] = float((pred == y).float().mean())
-        clean = _through(site, x, y, seed)
-        row["clean"] = {k: v for k, v in clean.items() if k != "scores"}
-        row["pooled"] = {k: v for k, v in _pooled(site, row["clean"], len(y), seed + 4, batch_size).items()
-                         if k != "scores"}
-        if site.pipe is not None:
-            row["tau"] = site.pipe.tau
-        if "paper" in threats:
-            for name, cfg in (("pgd_linf", PAPER_LINF), ("pgd_l2", PAPER_L2)):
-                adv = _attack_batched(pgd, site.classifier, x, y, cfg, g, batch_size)
-                res = _through(site, adv, y, seed + 1)
-                if "scores" in res:
-                    res["detection_auc"] = roc_auc(clean["scores"], res["scores"])
-                    if name == "pgd_linf":
-                        row["_roc"] = roc_curve(clean["scores"], res["scores"])
-                row[name] = {k: v for k, v in res.items() if k != "scores"}
-        if "adaptive" in threats and site.pipe is not None:
-            n_a = min(len(y), adaptive_max) if adaptive_max > 0 else len(y)
-            adv = _attack_batched(adaptive_pgd, site.pipe, x[:n_a], y[:n_a], adaptive, g, batch_size)
-            res = _through(site, adv, y[:n_a], seed + 2)
-            clean_a = _through(site, x[:n_a], y[:n_a], seed)
-            res["detection_auc"] = roc_auc(clean_a["scores"], res["scores"])
-            res["clean_acc_same_scans"] = clean_a["acc"]
-            row["adaptive"] = {k: v for k, v in res.items() if k != "scores"}
-        if "transfer" in threats and len(sites) > 1:
-            src = sites[(sites.index(site) + 1) % len(sites)]
-            adv = _attack_batched(pgd, src.classifier, x, y, PAPER_LINF, g, batch_size)
-            res = _through(site, adv, y, seed + 3)
-            res["source_site"] = src.site
-            row["transfer_linf"] = {k: v for k, v in res.items() if k != "scores"}
-        row["seconds"] = time.perf_counter() - t0
+        row = _evaluate_site(site, sites, x, y, threats, adaptive=adaptive, adaptive_max=adaptive_max, seed=seed,
+                             batch_size=batch_size)
         log(f"site {site.site}: " + ", ".join(f"{k} {v['acc']:.4f}" for k, v in row.items() if isinstance(v, dict) and "acc" in v)
             + f" ({row['seconds']:.0f} s)")
         rows.append(row)
@@ -166,15 +213,7 @@ def evaluate_run(run: str | Path, threats: tuple[str, ...] = ("paper",), *, comm
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "seconds": time.perf_counter() - t_all,
     }
-    out = Path(run) / "reports"
-    out.mkdir(parents=True, exist_ok=True)
-    rocs = [(r["site"], r["_roc"]) for r in rows if "_roc" in r]
-    suffix = f"-{tag}" if tag else ""
-    if rocs:
-        _roc_plot(rocs, out / f"roc{suffix}.png")
-    report["files"] = [f"robustness{suffix}.md", f"robustness{suffix}.json"] + ([f"roc{suffix}.png"] if rocs else [])
-    (out / f"robustness{suffix}.json").write_text(json.dumps(report, indent=1))
-    (out / f"robustness{suffix}.md").write_text(render_markdown(report, roc=f"roc{suffix}.png" if rocs else ""))
+    _write_report(Path(run) / "reports", report, rows, tag)
     return report
 
 
@@ -291,65 +330,53 @@ SWEEP_FLAG_RATES = (0.01, 0.05, 0.1, 0.2)
 SWEEP_STEPS = (1, 2, 5, 10, 20, 0)  # 0: every ancestral DDPM step from t*
 
 
-def sweep_run(run: str | Path, *, flag_rates=SWEEP_FLAG_RATES, steps=SWEEP_STEPS, max_scans: int = 64, seed: int = 0,
-              batch_size: int = 32, log=print, source: str | None = None, defense: dict | None = None,
-              tag: str = "") -> dict:
-    """Robust accuracy (paper-setting L-inf PGD) and clean accuracy against denoiser evaluations per scan.
-
-    For every clean flag rate (which fixes tau on validation scans) and number
-    of purification steps, the same clean and adversarial test scans go
-    through the pipeline. Cost = mean over scans of the denoiser evaluations
-    spent on them (0 when not flagged; ``steps``, or t* for full DDPM).
-    Writes ``RUN/reports/sweep.md``, ``.json`` and ``sweep.png``.
-    """
+def _sweep_site(site: Site, profile: cfgmod.Profile, x: torch.Tensor, y: torch.Tensor, cells: dict, *, flag_rates,
+                steps, seed: int, batch_size: int) -> None:
+    """Add one site's clean and attacked scans through every (flag rate, steps) pipeline to ``cells``."""
     from dataclasses import replace
 
     from training.defense import calibrate_tau, detection_scores
 
-    profile, sites, info = load_sites(run, source, defense)
-    if sites[0].pipe is None:
-        raise cfgmod.UsageError(f"{run}: no detector and denoiser in this run; nothing to sweep")
-    t_all = time.perf_counter()
-    cells: dict[tuple[float, int], dict] = {}
-    for site in sites:
-        x, y = _test(site, max_scans)
-        if len(y) == 0:
-            continue
-        g = torch.Generator().manual_seed(seed + 1000 * site.site)
-        adv = _attack_batched(pgd, site.classifier, x, y, PAPER_LINF, g, batch_size)
-        val_scores = detection_scores(site.pipe.detector, site.data["val"].images, profile.defense,
-                                      profile.detector.mask_ratio, profile.detector.mask_seed)
-        base = site.pipe
-        for fr in flag_rates:
-            for k in steps:
-                pipe = DefensePipeline(base.classifier, base.detector, base.denoiser, base.diffusion,
-                                       calibrate_tau(val_scores, fr), replace(profile.defense, flag_rate=fr, steps=k),
-                                       profile.detector.mask_ratio, profile.detector.mask_seed).eval()
-                cell = cells.setdefault((fr, k), {"n": 0, "clean_hits": 0, "adv_hits": 0, "clean_evals": 0.0,
-                                                  "adv_evals": 0.0, "seconds": 0.0})
-                for name, xs, s in (("clean", x, seed), ("adv", adv, seed + 1)):
-                    t0 = time.perf_counter()
-                    out = run_batched(pipe, xs, batch_size, s)
-                    cell["seconds"] += time.perf_counter() - t0
-                    cell[f"{name}_hits"] += int((out["probs"].argmax(1) == y.numpy()).sum())
-                    evals = np.where(out["flagged"], k if k else out["t_star"], 0)
-                    cell[f"{name}_evals"] += float(evals.sum())
-                cell["n"] += len(y)
-        log(f"site {site.site}: swept {len(flag_rates)} flag rates x {len(steps)} step counts on {len(y)} scans")
+    g = torch.Generator().manual_seed(seed + 1000 * site.site)
+    adv = _attack_batched(pgd, site.classifier, x, y, PAPER_LINF, g, batch_size)
+    val_scores = detection_scores(site.pipe.detector, site.data["val"].images, profile.defense,
+                                  profile.detector.mask_ratio, profile.detector.mask_seed)
+    base = site.pipe
+    for fr in flag_rates:
+        for k in steps:
+            pipe = DefensePipeline(base.classifier, base.detector, base.denoiser, base.diffusion,
+                                   calibrate_tau(val_scores, fr), replace(profile.defense, flag_rate=fr, steps=k),
+                                   profile.detector.mask_ratio, profile.detector.mask_seed).eval()
+            cell = cells.setdefault((fr, k), {"n": 0, "clean_hits": 0, "adv_hits": 0, "clean_evals": 0.0,
+                                              "adv_evals": 0.0, "seconds": 0.0})
+            for name, xs, s in (("clean", x, seed), ("adv", adv, seed + 1)):
+                t0 = time.perf_counter()
+                out = run_batched(pipe, xs, batch_size, s)
+                cell["seconds"] += time.perf_counter() - t0
+                cell[f"{name}_hits"] += int((out["probs"].argmax(1) == y.numpy()).sum())
+                evals = np.where(out["flagged"], k if k else out["t_star"], 0)
+                cell[f"{name}_evals"] += float(evals.sum())
+            cell["n"] += len(y)
+
+
+def _sweep_rows(cells: dict) -> list[dict]:
+    """One row per (flag rate, steps): accuracies, denoiser evaluations and seconds per scan."""
     rows = []
     for (fr, k), c in cells.items():
         n = max(c["n"], 1)
         rows.append({"flag_rate": fr, "steps": k or "full", "n": c["n"], "clean_acc": c["clean_hits"] / n,
                      "robust_acc": c["adv_hits"] / n, "evals_per_clean_scan": c["clean_evals"] / n,
                      "evals_per_attacked_scan": c["adv_evals"] / n, "seconds_per_scan": c["seconds"] / (2 * n)})
-    report = {**info, "profile": profile.name, "attack": asdict(PAPER_LINF), "max_scans_per_site": max_scans,
-              "seed": seed, "defense": cfgmod.to_dict(profile)["defense"], "defense_overrides": dict(defense or {}),
-              "rows": rows, "seconds": time.perf_counter() - t_all}
+    return rows
+
+
+def _write_sweep(out: Path, report: dict, tag: str) -> None:
+    """``sweep[-tag].json``, ``.md`` and ``.png`` in ``out``."""
+    rows = report["rows"]
     suffix = f"-{tag}" if tag else ""
-    out = Path(run) / "reports"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"sweep{suffix}.json").write_text(json.dumps(report, indent=1))
-    lines = [f"# Robustness against compute: {info['run']}", "",
+    lines = [f"# Robustness against compute: {report['run']}", "",
              f"Paper-setting PGD L-inf (eps 0.015, step 0.003, 7 steps) crafted on each site's classifier; "
              f"{rows[0]['n'] if rows else 0} test scans in all; tau from clean validation scans at each flag rate.", "",
              "| clean flag rate | purification steps | clean acc | robust acc | denoiser evals / clean scan | "
@@ -361,6 +388,35 @@ def sweep_run(run: str | Path, *, flag_rates=SWEEP_FLAG_RATES, steps=SWEEP_STEPS
               f"![robust accuracy against compute](sweep{suffix}.png)"]
     (out / f"sweep{suffix}.md").write_text("\n".join(lines) + "\n")
     _sweep_plot(rows, out / f"sweep{suffix}.png")
+
+
+def sweep_run(run: str | Path, *, flag_rates=SWEEP_FLAG_RATES, steps=SWEEP_STEPS, max_scans: int = 64, seed: int = 0,
+              batch_size: int = 32, log=print, source: str | None = None, defense: dict | None = None,
+              tag: str = "") -> dict:
+    """Robust accuracy (paper-setting L-inf PGD) and clean accuracy against denoiser evaluations per scan.
+
+    For every clean flag rate (which fixes tau on validation scans) and number
+    of purification steps, the same clean and adversarial test scans go
+    through the pipeline. Cost = mean over scans of the denoiser evaluations
+    spent on them (0 when not flagged; ``steps``, or t* for full DDPM).
+    Writes ``RUN/reports/sweep.md``, ``.json`` and ``sweep.png``.
+    """
+    profile, sites, info = load_sites(run, source, defense)
+    if sites[0].pipe is None:
+        raise cfgmod.UsageError(f"{run}: no detector and denoiser in this run; nothing to sweep")
+    t_all = time.perf_counter()
+    cells: dict[tuple[float, int], dict] = {}
+    for site in sites:
+        x, y = _test(site, max_scans)
+        if len(y) == 0:
+            continue
+        _sweep_site(site, profile, x, y, cells, flag_rates=flag_rates, steps=steps, seed=seed, batch_size=batch_size)
+        log(f"site {site.site}: swept {len(flag_rates)} flag rates x {len(steps)} step counts on {len(y)} scans")
+    rows = _sweep_rows(cells)
+    report = {**info, "profile": profile.name, "attack": asdict(PAPER_LINF), "max_scans_per_site": max_scans,
+              "seed": seed, "defense": cfgmod.to_dict(profile)["defense"], "defense_overrides": dict(defense or {}),
+              "rows": rows, "seconds": time.perf_counter() - t_all}
+    _write_sweep(Path(run) / "reports", report, tag)
     return report
 
 

@@ -62,14 +62,9 @@ def purified_val_accuracy(model, denoiser, diffusion, split: Split, t: int, step
             "val_score": 0.5 * (hits_clean + hits_pur) / n}
 
 
-def finetune_classifier(run: str | Path, out: str | Path, *, epochs: int = 3, lr_scale: float = 0.25,
-                        adv_fraction: float = 0.5, purify_fraction: float = 0.5,
-                        attack: cfgmod.AttackConfig | None = None, defense: dict | None = None,
-                        source: str | None = None, progress: bool = True, log=print) -> dict:
-    from training.federated import task
-    from training.runs import read_source
-
-    run, out = Path(run), Path(out)
+def _checked_profile(run: Path, out: Path, defense: dict | None, epochs: int, adv_fraction: float,
+                     purify_fraction: float) -> cfgmod.Profile:
+    """The run's profile with ``defense`` applied, once the run, ``out`` and the fractions are checked."""
     if not (run / "config.toml").exists():
         raise FileNotFoundError(f"{run}: not a run folder (no config.toml)")
     if (run / "sites").is_dir():
@@ -83,11 +78,11 @@ def finetune_classifier(run: str | Path, out: str | Path, *, epochs: int = 3, lr
         raise cfgmod.UsageError(f"{out} exists and is not empty; choose a new --out")
     if not 0.0 <= adv_fraction <= 1.0 or not 0.0 <= purify_fraction <= 1.0 or epochs < 1:
         raise cfgmod.UsageError("adv_fraction and purify_fraction must be in [0, 1], epochs >= 1")
-    attack = attack or cfgmod.AttackConfig(step=0.006, steps=3)
-    source = source or read_source(run)
-    data = task.site_data(source, profile, None, None)
-    train, val = data["train"], data["val"]
+    return profile
 
+
+def _load_models(run: Path, profile: cfgmod.Profile):
+    """(classifier, frozen denoiser, diffusion) of the run's best checkpoints."""
     ck = load_checkpoint(run / "classifier" / "best.pt")
     model = create_model("classifier", profile)
     model.load_state_dict(ck["model"])
@@ -95,15 +90,11 @@ def finetune_classifier(run: str | Path, out: str | Path, *, epochs: int = 3, lr
     denoiser = create_model("denoiser", profile)
     denoiser.load_state_dict(dck["model"])
     denoiser.eval().requires_grad_(False)
-    diffusion = GaussianDiffusion.from_config(profile.denoiser)
-    d = profile.defense
-    t_val = int(round((d.t_min + d.t_max) / 2))
+    return model, denoiser, GaussianDiffusion.from_config(profile.denoiser)
 
-    objective = make_objective("classifier", profile)
-    objective = PurifiedAugmentObjective(objective, denoiser, diffusion, purify_fraction, d.t_min, d.t_max, d.steps)
-    if adv_fraction > 0:
-        objective = AdversarialObjective(objective, attack, adv_fraction)
 
+def _start_run_folder(run: Path, out: Path, profile: cfgmod.Profile, record: dict) -> Path:
+    """``out`` with the run's detector and denoiser, its config, data record and ``finetune.json``; the classifier folder."""
     out.mkdir(parents=True, exist_ok=True)
     for comp in ("denoiser", "detector"):
         if (run / comp / "best.pt").exists():
@@ -111,30 +102,36 @@ def finetune_classifier(run: str | Path, out: str | Path, *, epochs: int = 3, lr
             shutil.copy2(run / comp / "best.pt", out / comp / "best.pt")
     (out / "config.toml").write_text(cfgmod.dump_toml(profile))
     (out / "data.txt").write_text((run / "data.txt").read_text())
-    (out / "finetune.json").write_text(json.dumps({
-        "from_run": str(run), "epochs": epochs, "lr_scale": lr_scale, "adv_fraction": adv_fraction,
-        "purify_fraction": purify_fraction, "attack": asdict(attack),
-        "defense": cfgmod.to_dict(profile)["defense"], "selection": f"clean + purified (t={t_val}) val accuracy",
-    }, indent=1))
+    (out / "finetune.json").write_text(json.dumps(record, indent=1))
     cdir = out / "classifier"
     cdir.mkdir(exist_ok=True)
+    return cdir
 
+
+def _save_best(cdir: Path, model, profile: cfgmod.Profile, data, row: dict, epoch: int, step: int, best: float,
+               history: list) -> None:
+    save_checkpoint(cdir / "best.pt", component="classifier", model=model.state_dict(), config=cfgmod.to_dict(profile),
+                    split_digest=data.digest, class_names=data.class_names, metrics=row, epoch=epoch, step=step,
+                    best=best, history=history)
+
+
+def _finetune_epochs(model, objective, denoiser, diffusion, data, profile: cfgmod.Profile, cdir: Path, *,
+                     epochs: int, lr_scale: float, t_val: int, progress: bool, log) -> tuple[dict, float, list]:
+    """Fine-tune for ``epochs``, keeping the best on purified validation; (before, best score, history)."""
+    train, val, steps = data["train"], data["val"], profile.defense.steps
     opt_cfg = profile.classifier.optim
     lr = opt_cfg.lr * lr_scale
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=opt_cfg.weight_decay)
     generator = torch.Generator().manual_seed(profile.seed + 7)
-    steps_per_epoch = math.ceil(len(train) / opt_cfg.batch_size)
-    total = epochs * steps_per_epoch
+    total = epochs * math.ceil(len(train) / opt_cfg.batch_size)
 
     def lr_at(step: int) -> float:
         return cosine_lr(step, total, 0, lr)
 
-    before = purified_val_accuracy(model, denoiser, diffusion, val, t_val, d.steps)
+    before = purified_val_accuracy(model, denoiser, diffusion, val, t_val, steps)
     log(f"[finetune] before: val clean {before['val_acc']:.4f}, purified at t={t_val} {before['val_acc_purified']:.4f}")
     best, step, history = before["val_score"], 0, [{"epoch": 0, **before}]
-    save_checkpoint(cdir / "best.pt", component="classifier", model=model.state_dict(), config=cfgmod.to_dict(profile),
-                    split_digest=data.digest, class_names=data.class_names, metrics=history[0], epoch=0, step=0,
-                    best=best, history=history)
+    _save_best(cdir, model, profile, data, history[0], 0, 0, best, history)
     for epoch in range(epochs):
         t0 = time.perf_counter()
         stats = train_one_epoch(
@@ -144,7 +141,7 @@ def finetune_classifier(run: str | Path, out: str | Path, *, epochs: int = 3, lr
         )
         step += stats["steps"]
         row = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in stats.items()},
-               **purified_val_accuracy(model, denoiser, diffusion, val, t_val, d.steps),
+               **purified_val_accuracy(model, denoiser, diffusion, val, t_val, steps),
                "epoch_seconds": time.perf_counter() - t0}
         history.append(row)
         with open(cdir / "history.jsonl", "a") as fh:
@@ -152,11 +149,40 @@ def finetune_classifier(run: str | Path, out: str | Path, *, epochs: int = 3, lr
         improved = row["val_score"] > best
         if improved:
             best = row["val_score"]
-            save_checkpoint(cdir / "best.pt", component="classifier", model=model.state_dict(),
-                            config=cfgmod.to_dict(profile), split_digest=data.digest, class_names=data.class_names,
-                            metrics=row, epoch=epoch + 1, step=step, best=best, history=history)
+            _save_best(cdir, model, profile, data, row, epoch + 1, step, best, history)
         log(f"[finetune] epoch {epoch + 1}/{epochs}: val clean {row['val_acc']:.4f}, purified {row['val_acc_purified']:.4f}"
             f"{' (best)' if improved else ''} ({row['epoch_seconds']:.0f} s)")
+    return before, best, history
+
+
+def finetune_classifier(run: str | Path, out: str | Path, *, epochs: int = 3, lr_scale: float = 0.25,
+                        adv_fraction: float = 0.5, purify_fraction: float = 0.5,
+                        attack: cfgmod.AttackConfig | None = None, defense: dict | None = None,
+                        source: str | None = None, progress: bool = True, log=print) -> dict:
+    from training.federated import task
+    from training.runs import read_source
+
+    run, out = Path(run), Path(out)
+    profile = _checked_profile(run, out, defense, epochs, adv_fraction, purify_fraction)
+    attack = attack or cfgmod.AttackConfig(step=0.006, steps=3)
+    source = source or read_source(run)
+    data = task.site_data(source, profile, None, None)
+    model, denoiser, diffusion = _load_models(run, profile)
+    d = profile.defense
+    t_val = int(round((d.t_min + d.t_max) / 2))
+
+    objective = make_objective("classifier", profile)
+    objective = PurifiedAugmentObjective(objective, denoiser, diffusion, purify_fraction, d.t_min, d.t_max, d.steps)
+    if adv_fraction > 0:
+        objective = AdversarialObjective(objective, attack, adv_fraction)
+
+    cdir = _start_run_folder(run, out, profile, {
+        "from_run": str(run), "epochs": epochs, "lr_scale": lr_scale, "adv_fraction": adv_fraction,
+        "purify_fraction": purify_fraction, "attack": asdict(attack),
+        "defense": cfgmod.to_dict(profile)["defense"], "selection": f"clean + purified (t={t_val}) val accuracy",
+    })
+    before, best, history = _finetune_epochs(model, objective, denoiser, diffusion, data, profile, cdir, epochs=epochs,
+                                             lr_scale=lr_scale, t_val=t_val, progress=progress, log=log)
     return {"out": str(out), "best_val_score": best, "history": history,
-            "val_acc_before": before, "t_val": t_val, "n_train": int(len(train)), "seconds": float(np.sum(
+            "val_acc_before": before, "t_val": t_val, "n_train": int(len(data["train"])), "seconds": float(np.sum(
                 [h.get("epoch_seconds", 0.0) for h in history]))}

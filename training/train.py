@@ -73,6 +73,44 @@ def _optim_cfg(component: str, profile: cfgmod.Profile) -> cfgmod.OptimConfig:
     return getattr(profile, component).optim
 
 
+def _lr_schedule(opt_cfg: cfgmod.OptimConfig, epochs: int, n_train: int):
+    """``lr_at(step)``: warmup then cosine decay over ``epochs`` of ``n_train`` scans."""
+    steps_per_epoch = math.ceil(n_train / opt_cfg.batch_size)
+    total, warmup = epochs * steps_per_epoch, max(1, int(opt_cfg.warmup_epochs * steps_per_epoch))
+
+    def lr_at(step: int) -> float:
+        return cosine_lr(step, total, warmup, opt_cfg.lr)
+
+    return lr_at
+
+
+def _resume(last: Path, component: str, profile: cfgmod.Profile, data: Dataset, model, optimizer, generator,
+            epochs: int, log) -> tuple[int, int, float | None, list]:
+    """Load ``last`` into the model, optimizer and generator; (epoch, step, best, history) it ended at."""
+    ck = load_checkpoint(last)
+    if cfgmod.from_dict(ck["config"]) != profile or ck["split_digest"] != data.digest:
+        raise cfgmod.UsageError(f"{last} was trained with another configuration or data split; use a new --out or --no-resume")
+    model.load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    generator.set_state(ck["generator"])
+    log(f"[{component}] resuming after epoch {ck['epoch']}/{epochs}")
+    return ck["epoch"], ck["step"], ck["best"], ck["history"]
+
+
+def _save_epoch(out: Path, component: str, profile: cfgmod.Profile, data: Dataset, model, optimizer, generator,
+                row: dict, step: int, best, history: list, improved: bool) -> None:
+    """``history.jsonl`` gets ``row``; ``last.pt`` (and ``best.pt`` when ``improved``) the epoch's state."""
+    with open(out / "history.jsonl", "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    payload = dict(
+        component=component, model=model.state_dict(), config=cfgmod.to_dict(profile), split_digest=data.digest,
+        class_names=data.class_names, metrics=row, epoch=row["epoch"], step=step, best=best, history=history,
+    )
+    if improved:
+        save_checkpoint(out / "best.pt", **payload)
+    save_checkpoint(out / "last.pt", **payload, optimizer=optimizer.state_dict(), generator=generator.get_state())
+
+
 def train_component(
     component: str,
     profile: cfgmod.Profile,
@@ -96,23 +134,11 @@ def train_component(
     objective = make_objective(component, profile)
     augment = Augment()
     train, val = data["train"], data["val"]
-    steps_per_epoch = math.ceil(len(train) / opt_cfg.batch_size)
-    total, warmup = epochs * steps_per_epoch, max(1, int(opt_cfg.warmup_epochs * steps_per_epoch))
-
-    def lr_at(step: int) -> float:
-        return cosine_lr(step, total, warmup, opt_cfg.lr)
-
+    lr_at = _lr_schedule(opt_cfg, epochs, len(train))
     start_epoch, step, best, history = 0, 0, None, []
-    last = out / "last.pt"
-    if resume and last.exists():
-        ck = load_checkpoint(last)
-        if cfgmod.from_dict(ck["config"]) != profile or ck["split_digest"] != data.digest:
-            raise cfgmod.UsageError(f"{last} was trained with another configuration or data split; use a new --out or --no-resume")
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        generator.set_state(ck["generator"])
-        start_epoch, step, best, history = ck["epoch"], ck["step"], ck["best"], ck["history"]
-        log(f"[{component}] resuming after epoch {start_epoch}/{epochs}")
+    if resume and (out / "last.pt").exists():
+        start_epoch, step, best, history = _resume(out / "last.pt", component, profile, data, model, optimizer,
+                                                   generator, epochs, log)
     metric, larger = VAL_METRIC[component]
     n_params = sum(p.numel() for p in model.parameters())
     log(f"[{component}] {profile.name} profile, {n_params / 1e6:.2f} M parameters, {len(train)} train / {len(val)} val scans")
@@ -129,18 +155,10 @@ def train_component(
             row.update(evaluate(component, model, val, profile))
         row["epoch_seconds"] = time.perf_counter() - t0
         history.append(row)
-        with open(out / "history.jsonl", "a") as fh:
-            fh.write(json.dumps(row) + "\n")
         improved = metric in row and (best is None or (row[metric] > best if larger else row[metric] < best))
         if improved:
             best = row[metric]
-        payload = dict(
-            component=component, model=model.state_dict(), config=cfgmod.to_dict(profile), split_digest=data.digest,
-            class_names=data.class_names, metrics=row, epoch=epoch + 1, step=step, best=best, history=history,
-        )
-        if improved:
-            save_checkpoint(out / "best.pt", **payload)
-        save_checkpoint(last, **payload, optimizer=optimizer.state_dict(), generator=generator.get_state())
+        _save_epoch(out, component, profile, data, model, optimizer, generator, row, step, best, history, improved)
         shown = ", ".join(f"{k}={row[k]:.4f}" for k in ("train_loss", metric) if k in row)
         log(f"[{component}] epoch {epoch + 1}/{epochs} {shown} ({row['epoch_seconds']:.0f} s)")
     return {"component": component, "epochs": epochs, "best": best, "history": history, "dir": str(out)}

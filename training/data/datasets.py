@@ -253,6 +253,45 @@ def _read_one(root: Path, rel: str, cfg: PreprocessConfig):
     return preprocess(img, cfg), img.shape
 
 
+def _preprocess_all(root: Path, records: list[Record], cfg: PreprocessConfig, skip_bad: bool, progress: bool):
+    """(images ``[N, S, S]``, original sizes ``[N, 2]``, readable ``[N]``, skipped (path, reason)) of ``records``."""
+    images = np.zeros((len(records), cfg.size, cfg.size), np.float32)
+    sizes = np.zeros((len(records), 2), np.int64)
+    ok = np.ones(len(records), bool)
+    skipped = []
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(_read_one, root, r.path, cfg) for r in records]
+        for i, fut in enumerate(tqdm(futures, desc=f"preprocess {root.name}", disable=not progress, unit="scan")):
+            try:
+                img, shape = fut.result()
+            except ImageReadError as err:
+                if not skip_bad:
+                    for f in futures:
+                        f.cancel()
+                    raise
+                ok[i] = False
+                skipped.append((records[i].path, err.reason))
+                continue
+            images[i], sizes[i] = img, shape[:2]
+    return images, sizes, ok, skipped
+
+
+def _split_arrays(records: list[Record], images: np.ndarray, sizes: np.ndarray, ok: np.ndarray) -> dict[str, Split]:
+    """The readable scans of every split."""
+    splits = {}
+    for s in SPLITS:
+        idx = np.array([i for i, r in enumerate(records) if r.split == s and ok[i]], dtype=np.int64)
+        splits[s] = Split(
+            images=images[idx],
+            labels=np.array([records[i].label for i in idx], dtype=np.int64),
+            groups=np.array([records[i].group for i in idx], dtype=np.int64),
+            paths=[records[i].path for i in idx],
+            original_sizes=sizes[idx],
+        )
+    return splits
+
+
 def load_folder(
     root: str | Path,
     cfg: PreprocessConfig,
@@ -284,25 +323,7 @@ def load_folder(
     if hit is not None:
         images, sizes, ok, skipped = hit
     else:
-        images = np.zeros((len(records), cfg.size, cfg.size), np.float32)
-        sizes = np.zeros((len(records), 2), np.int64)
-        ok = np.ones(len(records), bool)
-        skipped = []
-        workers = max(1, min(8, os.cpu_count() or 1))
-        with ThreadPoolExecutor(workers) as pool:
-            futures = [pool.submit(_read_one, root, r.path, cfg) for r in records]
-            for i, fut in enumerate(tqdm(futures, desc=f"preprocess {root.name}", disable=not progress, unit="scan")):
-                try:
-                    img, shape = fut.result()
-                except ImageReadError as err:
-                    if not skip_bad:
-                        for f in futures:
-                            f.cancel()
-                        raise
-                    ok[i] = False
-                    skipped.append((records[i].path, err.reason))
-                    continue
-                images[i], sizes[i] = img, shape[:2]
+        images, sizes, ok, skipped = _preprocess_all(root, records, cfg, skip_bad, progress)
         # stored only if no file changed while it was read, so an entry holds the pixels of the bytes in its key
         if cache_dir is not None and cache_key(records, content_hashes(root, records), class_names, cfg, skip_bad) == key:
             _cache_write(cache_file, key, images, sizes, ok, skipped)
@@ -310,17 +331,7 @@ def load_folder(
         print(f"skipped {len(skipped)} unreadable file(s):")
         for p, reason in skipped:
             print(f"  {p}: {reason}")
-    splits = {}
-    for s in SPLITS:
-        idx = np.array([i for i, r in enumerate(records) if r.split == s and ok[i]], dtype=np.int64)
-        splits[s] = Split(
-            images=images[idx],
-            labels=np.array([records[i].label for i in idx], dtype=np.int64),
-            groups=np.array([records[i].group for i in idx], dtype=np.int64),
-            paths=[records[i].path for i in idx],
-            original_sizes=sizes[idx],
-        )
-    return Dataset(root.name, class_names, splits, digest, skipped)
+    return Dataset(root.name, class_names, _split_arrays(records, images, sizes, ok), digest, skipped)
 
 
 def load_synthetic(n: int, cfg: PreprocessConfig, seed: int = 0, profiles=("A", "B", "C", "D")) -> Dataset:

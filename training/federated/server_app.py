@@ -24,12 +24,14 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
 
 from training import config as cfgmod
 from training.checkpoint import save_checkpoint
@@ -144,6 +146,141 @@ def _check(replies: list[Message], expected: int, what: str, log) -> list[Messag
     return ok
 
 
+@dataclass
+class _Phase:
+    """What every round of one phase uses: its strategy, the config sent to sites, extra records, privacy ledger."""
+
+    name: str
+    rounds: int
+    strategy: FedAvg
+    base_cfg: dict
+    extra: dict[str, ArrayRecord]
+    ledger: PrivacyLedger | None
+    opt_file: Path
+
+
+def _start_arrays(run_dir: Path, phase: str, model, shared: list[str], done: int, rounds: int, log) -> ArrayRecord:
+    """The shared arrays the phase starts from: the model's, or those saved after its last finished round."""
+    arrays = ArrayRecord({k: v for k, v in model.state_dict().items() if k in shared})
+    if done:
+        arrays = ArrayRecord(torch.load(run_dir / "server" / f"{phase}.pt", map_location="cpu", weights_only=True))
+        if done >= rounds:
+            log(f"[{phase}] all {rounds} rounds already done")
+    return arrays
+
+
+def _root_set(phase: str, profile: cfgmod.Profile, source: str, log) -> RootSet | None:
+    """The server's clean root set, for the classifier under FLTrust or OptiGradTrust; else None."""
+    fed = profile.federated
+    if phase != "classifier" or fed.aggregation not in ("fltrust", "optigradtrust") or fed.method == "local":
+        return None
+    if not source:
+        raise ValueError(f"{fed.aggregation} needs the server's root set: set run-config root-data='/path/to/scans'")
+    root = RootSet(profile, *task.root_set(source, profile))
+    log(f"[{phase}] {fed.aggregation}: server root set of {len(root.labels)} clean training scans")
+    return root
+
+
+def _privacy_ledger(phase: str, fed: cfgmod.FederatedConfig, done: int, rounds: int) -> PrivacyLedger | None:
+    """The classifier's privacy ledger under DP, advanced past the finished rounds; else None."""
+    if phase != "classifier" or fed.dp_sigma <= 0:
+        return None
+    ledger = PrivacyLedger(fed.dp_sigma, fed.sites, fed.dp_delta)
+    if done:
+        ledger.step(min(done, rounds))
+    return ledger
+
+
+def _prepare_phase(run_dir: Path, profile: cfgmod.Profile, phase: str, done: int, globals_: dict[str, ArrayRecord],
+                   base_cfg: dict, root_source: str, log) -> tuple[_Phase, torch.nn.Module, ArrayRecord]:
+    """(the phase's round settings, its model, the shared arrays it starts from), a saved optimizer state loaded."""
+    fed = profile.federated
+    rounds = fed.phase_rounds[phase]
+    model = task.build_model(phase, profile)
+    shared = task.shared_keys(phase, model, profile)
+    params = {n for n, _ in model.named_parameters()}
+    arrays = _start_arrays(run_dir, phase, model, shared, done, rounds, log)
+    root = _root_set(phase, profile, root_source, log)
+    strategy = make_strategy(phase, profile, grid_sites=fed.sites, root=root,
+                             buffers=[k for k in shared if k not in params])
+    opt_file = run_dir / "server" / f"{phase}-opt.pt"
+    if done and isinstance(strategy, ServerOptimizer) and opt_file.exists():
+        strategy.load_state(torch.load(opt_file, map_location="cpu", weights_only=True))
+    ledger = _privacy_ledger(phase, fed, done, rounds)
+    extra = {}
+    if phase == "classifier" and fed.method == "medfedpure":
+        extra = {name: globals_[name] for name in ("detector", "denoiser") if name in globals_}
+    return _Phase(phase, rounds, strategy, base_cfg, extra, ledger, opt_file), model, arrays
+
+
+def _mark_trust(rows: list[dict], strategy) -> None:
+    """Each site's trust and exclusion in the last aggregation, where the strategy reports them."""
+    trust = getattr(strategy, "last_trust", {})
+    excluded = getattr(strategy, "last_excluded", {})
+    for r in rows:
+        if r["node"] in trust:
+            r["trust"] = trust[r["node"]]
+        if r["node"] in excluded:
+            r["excluded"] = excluded[r["node"]]
+
+
+def _spend_privacy(ph: _Phase, fed: cfgmod.FederatedConfig, rnd: int, rows: list[dict], log) -> None:
+    spent = ph.ledger.step()
+    log(f"[{ph.name}] round {rnd}: privacy spent per site epsilon {spent['epsilon']:.2f} at delta {fed.dp_delta:g} "
+        f"(aggregate {spent['epsilon_aggregate']:.2f})")
+    for r in rows:
+        r["dp_epsilon"], r["dp_epsilon_aggregate"] = spent["epsilon"], spent["epsilon_aggregate"]
+
+
+def _train_round(grid: Grid, ph: _Phase, fed: cfgmod.FederatedConfig, rnd: int, arrays: ArrayRecord,
+                 log) -> tuple[ArrayRecord, list[dict]]:
+    """Send ``arrays`` to the sites to train on; (the aggregated arrays, one row per site)."""
+    log(f"[{ph.name}] round {rnd}/{ph.rounds}: training at {fed.sites} sites ...")
+    msgs = list(ph.strategy.configure_train(rnd, arrays, ConfigRecord(dict(ph.base_cfg)), grid))
+    for m in msgs:
+        for name, rec in ph.extra.items():
+            if fed.purify_train or fed.purify_fraction > 0:
+                m.content[name] = rec
+    replies = list(grid.send_and_receive(msgs, timeout=ROUND_TIMEOUT))
+    ok = _check(replies, len(msgs), f"{ph.name} round {rnd} training", log)
+    new_arrays, _ = ph.strategy.aggregate_train(rnd, ok)
+    if new_arrays is None:
+        raise RuntimeError(f"{ph.name} round {rnd}: the strategy could not aggregate the sites' updates")
+    rows = _rows_from(ok, {"phase": ph.name, "round": rnd, "kind": "train", "method": fed.method})
+    _mark_trust(rows, ph.strategy)
+    if ph.ledger is not None:
+        _spend_privacy(ph, fed, rnd, rows, log)
+    return new_arrays, rows
+
+
+def _evaluate_round(grid: Grid, ph: _Phase, fed: cfgmod.FederatedConfig, rnd: int, arrays: ArrayRecord,
+                    log) -> list[dict]:
+    """Send ``arrays`` to the sites to evaluate; one row per site."""
+    emsgs = list(ph.strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(ph.base_cfg)), grid))
+    for m in emsgs:
+        for name, rec in ph.extra.items():
+            m.content[name] = rec
+    ereplies = list(grid.send_and_receive(emsgs, timeout=ROUND_TIMEOUT))
+    eok = _check(ereplies, len(emsgs), f"{ph.name} round {rnd} evaluation", log)
+    return _rows_from(eok, {"phase": ph.name, "round": rnd, "kind": "eval", "method": fed.method})
+
+
+def _run_round(grid: Grid, run_dir: Path, ph: _Phase, fed: cfgmod.FederatedConfig, state: RunState, rnd: int,
+               arrays: ArrayRecord, log) -> ArrayRecord:
+    """Train (and evaluate, when due) one round; its rows, arrays, optimizer state and time saved."""
+    t0 = time.perf_counter()
+    arrays, train_rows = _train_round(grid, ph, fed, rnd, arrays, log)
+    eval_rows = _evaluate_round(grid, ph, fed, rnd, arrays, log) if rnd % fed.eval_every == 0 or rnd == ph.rounds else []
+    log(f"[{ph.name}] round {rnd}/{ph.rounds}: " + _round_line(ph.name, train_rows, eval_rows)
+        + f" ({time.perf_counter() - t0:.0f} s)")
+    _append_rows(run_dir, train_rows + eval_rows)
+    _save(run_dir / "server" / f"{ph.name}.pt", arrays.to_torch_state_dict())
+    if isinstance(ph.strategy, ServerOptimizer):
+        _save(ph.opt_file, ph.strategy.state())
+    state.mark(ph.name, rnd, time.perf_counter() - t0)
+    return arrays
+
+
 def run_server(grid: Grid, run_dir: str | Path, profile: cfgmod.Profile, data_source: str = "",
                threads_per_site: int = 0, log=print, root_source: str = "") -> dict:
     """Train every phase of ``profile.federated`` over the sites of ``grid``; returns the summary."""
@@ -154,85 +291,13 @@ def run_server(grid: Grid, run_dir: str | Path, profile: cfgmod.Profile, data_so
     globals_: dict[str, ArrayRecord] = {}
     t_run = time.perf_counter()
     for phase in profile.phases:
-        rounds = fed.phase_rounds[phase]
-        model = task.build_model(phase, profile)
-        shared = task.shared_keys(phase, model, profile)
-        params = {n for n, _ in model.named_parameters()}
-        arrays = ArrayRecord({k: v for k, v in model.state_dict().items() if k in shared})
         done = state.done(phase)
-        if done:
-            arrays = ArrayRecord(torch.load(run_dir / "server" / f"{phase}.pt", map_location="cpu", weights_only=True))
-            if done >= rounds:
-                log(f"[{phase}] all {rounds} rounds already done")
-        root = None
-        if phase == "classifier" and fed.aggregation in ("fltrust", "optigradtrust") and fed.method != "local":
-            source = root_source or data_source
-            if not source:
-                raise ValueError(f"{fed.aggregation} needs the server's root set: set run-config root-data='/path/to/scans'")
-            root = RootSet(profile, *task.root_set(source, profile))
-            log(f"[{phase}] {fed.aggregation}: server root set of {len(root.labels)} clean training scans")
-        strategy = make_strategy(phase, profile, grid_sites=fed.sites, root=root,
-                                 buffers=[k for k in shared if k not in params])
-        opt_file = run_dir / "server" / f"{phase}-opt.pt"
-        if done and isinstance(strategy, ServerOptimizer) and opt_file.exists():
-            strategy.load_state(torch.load(opt_file, map_location="cpu", weights_only=True))
-        ledger = None
-        if phase == "classifier" and fed.dp_sigma > 0:
-            ledger = PrivacyLedger(fed.dp_sigma, fed.sites, fed.dp_delta)
-            if done:
-                ledger.step(min(done, rounds))
-        extra = {}
-        if phase == "classifier" and fed.method == "medfedpure":
-            extra = {name: globals_[name] for name in ("detector", "denoiser") if name in globals_}
         base_cfg = {"phase": phase, "profile": profile_json, "data": data_source, "run-dir": str(run_dir.resolve()),
                     "threads-per-site": int(threads_per_site)}
-        for rnd in range(done + 1, rounds + 1):
-            t0 = time.perf_counter()
-            log(f"[{phase}] round {rnd}/{rounds}: training at {fed.sites} sites ...")
-            msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(base_cfg)), grid))
-            for m in msgs:
-                for name, rec in extra.items():
-                    if fed.purify_train or fed.purify_fraction > 0:
-                        m.content[name] = rec
-            replies = list(grid.send_and_receive(msgs, timeout=ROUND_TIMEOUT))
-            ok = _check(replies, len(msgs), f"{phase} round {rnd} training", log)
-            new_arrays, _ = strategy.aggregate_train(rnd, ok)
-            if new_arrays is None:
-                raise RuntimeError(f"{phase} round {rnd}: the strategy could not aggregate the sites' updates")
-            arrays = new_arrays
-            train_rows = _rows_from(ok, {"phase": phase, "round": rnd, "kind": "train", "method": fed.method})
-            trust = getattr(strategy, "last_trust", {})
-            excluded = getattr(strategy, "last_excluded", {})
-            for r in train_rows:
-                if r["node"] in trust:
-                    r["trust"] = trust[r["node"]]
-                if r["node"] in excluded:
-                    r["excluded"] = excluded[r["node"]]
-            if ledger is not None:
-                spent = ledger.step()
-                log(f"[{phase}] round {rnd}: privacy spent per site epsilon {spent['epsilon']:.2f} at delta {fed.dp_delta:g} "
-                    f"(aggregate {spent['epsilon_aggregate']:.2f})")
-                for r in train_rows:
-                    r["dp_epsilon"], r["dp_epsilon_aggregate"] = spent["epsilon"], spent["epsilon_aggregate"]
-            rows = list(train_rows)
-            if rnd % fed.eval_every == 0 or rnd == rounds:
-                emsgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(base_cfg)), grid))
-                for m in emsgs:
-                    for name, rec in extra.items():
-                        m.content[name] = rec
-                ereplies = list(grid.send_and_receive(emsgs, timeout=ROUND_TIMEOUT))
-                eok = _check(ereplies, len(emsgs), f"{phase} round {rnd} evaluation", log)
-                eval_rows = _rows_from(eok, {"phase": phase, "round": rnd, "kind": "eval", "method": fed.method})
-                rows += eval_rows
-                log(f"[{phase}] round {rnd}/{rounds}: " + _round_line(phase, train_rows, eval_rows)
-                    + f" ({time.perf_counter() - t0:.0f} s)")
-            else:
-                log(f"[{phase}] round {rnd}/{rounds}: " + _round_line(phase, train_rows, []) + f" ({time.perf_counter() - t0:.0f} s)")
-            _append_rows(run_dir, rows)
-            _save(run_dir / "server" / f"{phase}.pt", arrays.to_torch_state_dict())
-            if isinstance(strategy, ServerOptimizer):
-                _save(opt_file, strategy.state())
-            state.mark(phase, rnd, time.perf_counter() - t0)
+        ph, model, arrays = _prepare_phase(run_dir, profile, phase, done, globals_, base_cfg,
+                                           root_source or data_source, log)
+        for rnd in range(done + 1, ph.rounds + 1):
+            arrays = _run_round(grid, run_dir, ph, fed, state, rnd, arrays, log)
         globals_[phase] = arrays
         if phase != "classifier":
             _save_global(run_dir, phase, profile, arrays, model)
@@ -303,12 +368,8 @@ def training_defense_summary(rows: list[dict], profile: cfgmod.Profile) -> dict:
     return out
 
 
-def write_summary(run_dir: Path, profile: cfgmod.Profile, seconds: float) -> dict:
-    """``summary.json`` / ``summary.md``: final per-site figures and the convergence plot."""
-    from training.federated.plot import convergence_plot
-
-    rows = read_rows(run_dir)
-    fed = profile.federated
+def _final_eval_rows(rows: list[dict], profile: cfgmod.Profile) -> dict[str, list[dict]]:
+    """Per phase, the evaluation rows of its last evaluated round."""
     final = {}
     for phase in profile.phases:
         ev = [r for r in rows if r["phase"] == phase and r["kind"] == "eval"]
@@ -316,8 +377,13 @@ def write_summary(run_dir: Path, profile: cfgmod.Profile, seconds: float) -> dic
             continue
         last = max(r["round"] for r in ev)
         final[phase] = [r for r in ev if r["round"] == last]
-    cls = final.get("classifier", [])
-    summary = {
+    return final
+
+
+def _summary(profile: cfgmod.Profile, cls: list[dict], seconds: float) -> dict:
+    """The run's settings and the classifier's final figures, mean over sites and per site."""
+    fed = profile.federated
+    return {
         "method": fed.method, "profile": profile.name, "sites": fed.sites,
         "rounds": {ph: fed.phase_rounds[ph] for ph in profile.phases},
         "local_epochs": {ph: fed.phase_epochs[ph] for ph in profile.phases}, "partition": fed.partition, "fedbn": fed.fedbn,
@@ -338,16 +404,11 @@ def write_summary(run_dir: Path, profile: cfgmod.Profile, seconds: float) -> dic
                      for r in cls],
         "wall_seconds_this_session": seconds,
     }
-    phase_seconds = RunState(run_dir).data.get("phase_seconds")
-    if isinstance(phase_seconds, dict) and phase_seconds:
-        summary["phase_seconds"] = {str(k): float(v) for k, v in phase_seconds.items()}
-    for phase in ("denoiser", "detector"):
-        if phase in final:
-            key = task.VAL_METRIC[phase][0]
-            summary[f"{phase}_{key}"] = _nanmean(final[phase], key)
-    summary.update(training_defense_summary(rows, profile))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
-    plot = convergence_plot([run_dir], run_dir / "convergence.png")
+
+
+def _summary_markdown(summary: dict, profile: cfgmod.Profile, plot: Path | None) -> str:
+    """``summary.md``: the means, clinical figures, time per phase and a table per site."""
+    fed = profile.federated
     lines = [f"# Federated run: {fed.method}", "",
              f"{fed.sites} sites, partition `{fed.partition}`, profile `{profile.name}`, rounds {summary['rounds']}, "
              f"local epochs {summary['local_epochs']}; PGD for evaluation: {profile.federated.eval_attack.describe()}", "",
@@ -373,7 +434,27 @@ def write_summary(run_dir: Path, profile: cfgmod.Profile, seconds: float) -> dic
                      f"{_f4(r.get('clean_sensitivity'))} | {_f4(r.get('pooled_balanced_acc'))} |")
     if plot:
         lines += ["", f"![convergence]({plot.name})"]
-    (run_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(run_dir: Path, profile: cfgmod.Profile, seconds: float) -> dict:
+    """``summary.json`` / ``summary.md``: final per-site figures and the convergence plot."""
+    from training.federated.plot import convergence_plot
+
+    rows = read_rows(run_dir)
+    final = _final_eval_rows(rows, profile)
+    summary = _summary(profile, final.get("classifier", []), seconds)
+    phase_seconds = RunState(run_dir).data.get("phase_seconds")
+    if isinstance(phase_seconds, dict) and phase_seconds:
+        summary["phase_seconds"] = {str(k): float(v) for k, v in phase_seconds.items()}
+    for phase in ("denoiser", "detector"):
+        if phase in final:
+            key = task.VAL_METRIC[phase][0]
+            summary[f"{phase}_{key}"] = _nanmean(final[phase], key)
+    summary.update(training_defense_summary(rows, profile))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    plot = convergence_plot([run_dir], run_dir / "convergence.png")
+    (run_dir / "summary.md").write_text(_summary_markdown(summary, profile, plot))
     return summary
 
 

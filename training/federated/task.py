@@ -370,6 +370,80 @@ def predict_clean(model: nn.Module, defense: DefensePipeline | None, split: Spli
     return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
 
 
+@torch.no_grad()
+def _score_batch(model: nn.Module, defense: DefensePipeline | None, x: torch.Tensor, x_adv: torch.Tensor,
+                 y: torch.Tensor, g: torch.Generator, hits: dict, preds: dict) -> None:
+    """Add one batch's clean and attacked hits, flags and predictions to ``hits`` and ``preds``."""
+    clean_cls, adv_cls = model(x).argmax(1), model(x_adv).argmax(1)
+    hits["clean_acc_classifier"] += int((clean_cls == y).sum())
+    hits["pgd_acc_classifier"] += int((adv_cls == y).sum())
+    if defense is not None:
+        for name, xs in (("clean", x), ("pgd", x_adv)):
+            res = defense.run(xs, g)
+            pred = res["probs"].argmax(1)
+            hits[f"{name}_acc"] += int((pred == y).sum())
+            hits[f"flag_rate_{name}"] += int(res["flagged"].sum())
+            preds[name].append(pred.numpy())
+    else:
+        preds["clean"].append(clean_cls.numpy())
+        preds["pgd"].append(adv_cls.numpy())
+
+
+def _test_figures(model: nn.Module, data: SiteData, profile: cfgmod.Profile, defense: DefensePipeline | None,
+                  n: int, batch_size: int, pos: int) -> dict:
+    """Clean and PGD accuracy (with the defense: flag rates and tau) and clinical figures on ``n`` test scans."""
+    test = data["test"]
+    g = torch.Generator().manual_seed(profile.seed + 7919 * data.site)
+    hits = {"clean_acc": 0, "pgd_acc": 0, "clean_acc_classifier": 0, "pgd_acc_classifier": 0,
+            "flag_rate_clean": 0, "flag_rate_pgd": 0}
+    preds: dict[str, list[np.ndarray]] = {"clean": [], "pgd": []}
+    labels: list[np.ndarray] = []
+    idx = np.random.default_rng(0).permutation(len(test))[:n]  # a sample of both classes (splits list by class)
+    for x, y in batches(test.images[idx], test.labels[idx], batch_size, False):
+        x_adv = pgd(model, x, y, profile.federated.eval_attack, g)
+        labels.append(y.numpy())
+        _score_batch(model, defense, x, x_adv, y, g, hits, preds)
+    if defense is None:
+        hits["clean_acc"], hits["pgd_acc"] = hits["clean_acc_classifier"], hits["pgd_acc_classifier"]
+        del hits["flag_rate_clean"], hits["flag_rate_pgd"]
+    out = {k: v / n for k, v in hits.items()}
+    if defense is not None:
+        out["tau"] = defense.tau
+    y_all = np.concatenate(labels)
+    clean_pred, pgd_pred = np.concatenate(preds["clean"]), np.concatenate(preds["pgd"])
+    out["clean_balanced_acc"] = balanced_accuracy(y_all, clean_pred)
+    out["clean_sensitivity"] = sensitivity(y_all, clean_pred, pos)
+    out["pgd_balanced_acc"] = balanced_accuracy(y_all, pgd_pred)
+    return out
+
+
+def _clean_figures(model: nn.Module, data: SiteData, profile: cfgmod.Profile, defense: DefensePipeline | None,
+                   pooled: bool, pos: int) -> dict:
+    """Clean-scan figures: the site's validation split, the pooled validation split, and with ``pooled`` the pooled test split.
+
+    Each set has its own seeded generator, so that the test figures do not
+    depend on whether these are computed.
+    """
+    out: dict = {}
+    seed = profile.seed + 7919 * data.site
+    val = data["val"]
+    if len(val):
+        pred = predict_clean(model, defense, val, torch.Generator().manual_seed(seed + 1))
+        out["val_acc"] = float((pred == val.labels).mean())
+        out["val_balanced_acc"] = balanced_accuracy(val.labels, pred)
+    if data.pooled is not None and len(data.pooled["val"]):
+        pv = data.pooled["val"]
+        pred = predict_clean(model, defense, pv, torch.Generator().manual_seed(seed + 2))
+        out["pooled_val_balanced_acc"] = balanced_accuracy(pv.labels, pred)
+    if pooled and data.pooled is not None and len(data.pooled["test"]):
+        pt = data.pooled["test"]
+        pred = predict_clean(model, defense, pt, torch.Generator().manual_seed(seed + 3))
+        out["pooled_acc"] = float((pred == pt.labels).mean())
+        out["pooled_balanced_acc"] = balanced_accuracy(pt.labels, pred)
+        out["pooled_sensitivity"] = sensitivity(pt.labels, pred, pos)
+    return out
+
+
 def evaluate_site(
     model: nn.Module, data: SiteData, profile: cfgmod.Profile, defense: DefensePipeline | None = None,
     batch_size: int = 32, *, pooled: bool = False,
@@ -400,57 +474,8 @@ def evaluate_site(
         keys += ["flag_rate_clean", "flag_rate_pgd", "tau"] if defense is not None else []
         out.update({k: float("nan") for k in keys})
     else:
-        g = torch.Generator().manual_seed(profile.seed + 7919 * data.site)
-        hits = {"clean_acc": 0, "pgd_acc": 0, "clean_acc_classifier": 0, "pgd_acc_classifier": 0,
-                "flag_rate_clean": 0, "flag_rate_pgd": 0}
-        preds: dict[str, list[np.ndarray]] = {"clean": [], "pgd": []}
-        labels: list[np.ndarray] = []
-        idx = np.random.default_rng(0).permutation(len(test))[:n]  # a sample of both classes (splits list by class)
-        for x, y in batches(test.images[idx], test.labels[idx], batch_size, False):
-            x_adv = pgd(model, x, y, fed.eval_attack, g)
-            labels.append(y.numpy())
-            with torch.no_grad():
-                clean_cls, adv_cls = model(x).argmax(1), model(x_adv).argmax(1)
-                hits["clean_acc_classifier"] += int((clean_cls == y).sum())
-                hits["pgd_acc_classifier"] += int((adv_cls == y).sum())
-                if defense is not None:
-                    for name, xs in (("clean", x), ("pgd", x_adv)):
-                        res = defense.run(xs, g)
-                        pred = res["probs"].argmax(1)
-                        hits[f"{name}_acc"] += int((pred == y).sum())
-                        hits[f"flag_rate_{name}"] += int(res["flagged"].sum())
-                        preds[name].append(pred.numpy())
-                else:
-                    preds["clean"].append(clean_cls.numpy())
-                    preds["pgd"].append(adv_cls.numpy())
-        if defense is None:
-            hits["clean_acc"], hits["pgd_acc"] = hits["clean_acc_classifier"], hits["pgd_acc_classifier"]
-            del hits["flag_rate_clean"], hits["flag_rate_pgd"]
-        out.update({k: v / n for k, v in hits.items()})
-        if defense is not None:
-            out["tau"] = defense.tau
-        y_all = np.concatenate(labels)
-        clean_pred, pgd_pred = np.concatenate(preds["clean"]), np.concatenate(preds["pgd"])
-        out["clean_balanced_acc"] = balanced_accuracy(y_all, clean_pred)
-        out["clean_sensitivity"] = sensitivity(y_all, clean_pred, pos)
-        out["pgd_balanced_acc"] = balanced_accuracy(y_all, pgd_pred)
-    # Clean scans only from here (no attack), each set with its own seeded generator so that the figures
-    # above do not depend on whether these are computed.
-    val = data["val"]
-    if len(val):
-        pred = predict_clean(model, defense, val, torch.Generator().manual_seed(profile.seed + 7919 * data.site + 1))
-        out["val_acc"] = float((pred == val.labels).mean())
-        out["val_balanced_acc"] = balanced_accuracy(val.labels, pred)
-    if data.pooled is not None and len(data.pooled["val"]):
-        pv = data.pooled["val"]
-        pred = predict_clean(model, defense, pv, torch.Generator().manual_seed(profile.seed + 7919 * data.site + 2))
-        out["pooled_val_balanced_acc"] = balanced_accuracy(pv.labels, pred)
-    if pooled and data.pooled is not None and len(data.pooled["test"]):
-        pt = data.pooled["test"]
-        pred = predict_clean(model, defense, pt, torch.Generator().manual_seed(profile.seed + 7919 * data.site + 3))
-        out["pooled_acc"] = float((pred == pt.labels).mean())
-        out["pooled_balanced_acc"] = balanced_accuracy(pt.labels, pred)
-        out["pooled_sensitivity"] = sensitivity(pt.labels, pred, pos)
+        out.update(_test_figures(model, data, profile, defense, n, batch_size, pos))
+    out.update(_clean_figures(model, data, profile, defense, pooled, pos))
     out["num-examples"] = n
     return out
 
