@@ -20,6 +20,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -174,6 +175,24 @@ def _wait_for(what: str, check, timeout: float, interval: float = 1.0, alive=(),
         time.sleep(interval)
 
 
+def _collect(proc: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
+    """Wait for ``proc`` (started with its output piped) as ``subprocess.run`` would: killed after ``timeout``."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def _tls_ready(port: int, ca: Path) -> bool:
     """A TLS handshake with the SuperLink succeeds, verifying its certificate (and the IP in it) against our CA."""
     ctx = ssl.create_default_context(cafile=str(ca))
@@ -185,7 +204,25 @@ def _tls_ready(port: int, ca: Path) -> bool:
         return False
 
 
-def test_sites_over_tls_with_registered_supernodes_only(tmp_path):
+@pytest.fixture
+def sigterm_interrupts():
+    """A SIGTERM (``timeout``, a CI runner) interrupts the test as Ctrl-C does, so that its ``finally`` block stops
+    the SuperLink and the sites: they run in sessions of their own and would outlive a terminated pytest."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_sites_over_tls_with_registered_supernodes_only(tmp_path, sigterm_interrupts):
     from training import config as cfgmod
     from training.data.phantom import write_dataset
     from training.federated.certs import create_federation
@@ -196,9 +233,12 @@ def test_sites_over_tls_with_registered_supernodes_only(tmp_path):
     cli_home = tmp_path / "cli-home"
     cli_env = procs.env(cli_home)
 
+    def flwr_start(*args: str) -> subprocess.Popen:
+        return subprocess.Popen([_which("flwr"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=cli_env, cwd=tmp_path, stdin=subprocess.DEVNULL)
+
     def flwr(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([_which("flwr"), *args], capture_output=True, text=True, env=cli_env,
-                              cwd=tmp_path, timeout=timeout, stdin=subprocess.DEVNULL)
+        return _collect(flwr_start(*args), timeout)
 
     def diagnose() -> str:
         return "\n".join(_tail(procs.log(name)) for name in procs.started if name != "flwr-run")
@@ -209,6 +249,10 @@ def test_sites_over_tls_with_registered_supernodes_only(tmp_path):
         registered, intruder = fed.sites[:2], fed.sites[2]
 
         # ----------------------------------------------------------------- SuperLink: TLS + site authentication
+        # Its state in memory (docs/deployment.md gives it a SQLite file, to keep the registered sites over a
+        # restart, which this test does not do): every model array of a message travels as objects of its own,
+        # one request each, and the file costs the SuperLink several SQL statements per request -- most of the
+        # run's time on a small machine, and "database is locked" failures when the machine is busy.
         port = _free_port()
         link_dir = tmp_path / "superlink"
         link_dir.mkdir()
@@ -216,8 +260,20 @@ def test_sites_over_tls_with_registered_supernodes_only(tmp_path):
             _which("flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
             "--ssl-ca-certfile", str(fed.superlink_ca_cert), "--ssl-certfile", str(fed.server_cert),
             "--ssl-keyfile", str(fed.server_key), "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation", "--database", str(link_dir / "state.db"),
+            "--disable-runtime-dependency-installation", "--database", ":flwr-in-memory:",
         ], flwr_home=link_dir / "flwr-home", cwd=link_dir)
+
+        # ----------------------------------------------------------------- while it starts: the sites' data, the run folder
+        data_dirs = {}
+        for k, site in enumerate(registered):
+            data_dirs[site.name] = tmp_path / site.name / "scans"
+            write_dataset(data_dirs[site.name], 40, size=40, seed=11 + k, progress=False)
+        profile = cfgmod.resolve("tiny", {"federated": {"method": "medfedpure", "sites": 2, "rounds": 1,
+                                                        "local_epochs": 1, "eval_max": 8}})
+        run_dir = prepare_deployment(profile, tmp_path / "run")
+        cmd = run_command(run_dir, CONNECTION, app=ROOT, stream=False)
+        assert cmd[:2] == ["flwr", "run"]
+
         _wait_for("the SuperLink to accept TLS connections", lambda: _tls_ready(port, fed.ca_cert), 60,
                   interval=0.5, alive=[("superlink", link)], diagnose=diagnose)
 
@@ -225,10 +281,12 @@ def test_sites_over_tls_with_registered_supernodes_only(tmp_path):
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{port}"\nroot-certificates = "{fed.ca_cert.resolve()}"\n')
 
-        # ----------------------------------------------------------------- register two sites (not the third)
+        # ----------------------------------------------------------------- register two sites (not the third), both at once
         node_ids = {}
+        registering = {site.name: flwr_start("supernode", "register", str(site.public_key), CONNECTION,
+                                             "--name", site.name, "--format", "json") for site in registered}
         for site in registered:
-            res = flwr("supernode", "register", str(site.public_key), CONNECTION, "--name", site.name, "--format", "json")
+            res = _collect(registering[site.name], 60)
             assert res.returncode == 0, f"registering {site.name} failed:\n{res.stdout}\n{res.stderr}\n{diagnose()}"
             out = _json_out(res.stdout)
             assert out["success"], out
@@ -236,9 +294,8 @@ def test_sites_over_tls_with_registered_supernodes_only(tmp_path):
 
         # ----------------------------------------------------------------- the sites, each with its own data folder
         sites = {}
-        for k, site in enumerate(registered):
-            data_dir = tmp_path / site.name / "scans"
-            write_dataset(data_dir, 40, size=40, seed=11 + k, progress=False)
+        for site in registered:
+            data_dir = data_dirs[site.name]
             state_dir = tmp_path / site.name / "state"
             sites[site.name] = state_dir
             procs.start(site.name, [
@@ -250,11 +307,6 @@ def test_sites_over_tls_with_registered_supernodes_only(tmp_path):
 
         # ----------------------------------------------------------------- start the run at once
         # (the ServerApp waits until the configured number of sites is connected)
-        profile = cfgmod.resolve("tiny", {"federated": {"method": "medfedpure", "sites": 2, "rounds": 1,
-                                                        "local_epochs": 1, "eval_max": 8}})
-        run_dir = prepare_deployment(profile, tmp_path / "run")
-        cmd = run_command(run_dir, CONNECTION, app=ROOT, stream=False)
-        assert cmd[:2] == ["flwr", "run"]
         launcher = procs.start("flwr-run", [_which("flwr"), *cmd[1:], "--format", "json"], flwr_home=cli_home,
                                cwd=tmp_path, stderr_apart=True)
 
@@ -303,12 +355,19 @@ def test_sites_over_tls_with_registered_supernodes_only(tmp_path):
             r = flwr("list", CONNECTION, "--run-id", run_id, "--format", "json")
             return _json_out(r.stdout)["runs"][0]["status"] if r.returncode == 0 else ""
 
-        last_check = [time.monotonic()]
+        def serverapp_running() -> bool:
+            return any(b"flwr-serverapp" in _cmdline(pid) for pid in procs._marked())
+
+        # The CLI costs seconds of CPU that the sites need: it is asked once the ServerApp has exited without
+        # a summary, and otherwise once a minute.
+        seen, last_check = [False], [time.monotonic()]
 
         def finished() -> str | None:
             if (run_dir / "summary.json").exists():
                 return "summary"
-            if time.monotonic() - last_check[0] > 20:  # the CLI costs a second of CPU: ask it now and then
+            running = serverapp_running()
+            seen[0] = seen[0] or running
+            if (seen[0] and not running) or time.monotonic() - last_check[0] > 60:
                 last_check[0] = time.monotonic()
                 s = status()
                 if s.startswith("finished"):
@@ -355,22 +414,38 @@ def test_sites_over_tls_with_registered_supernodes_only(tmp_path):
         return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=site_env, cwd=ROOT,
                               timeout=timeout, stdin=subprocess.DEVNULL)
 
-    bundle = tmp_path / site / "bundle"
-    res = site_command("-m", "export", "--site-state", str(sites[site]), "--global", str(global_copy),
-                       "--data-dir", str(tmp_path / site / "scans"), "--out", str(bundle), "--no-int8")
-    assert res.returncode == 0, f"the site's export failed:\n{res.stdout}\n{res.stderr}"
-    key = tmp_path / site / "medfedpure-home" / "signing" / "ed25519.pub"
-    res = site_command("-m", "runtime.cli", "info", "--bundle", str(bundle), "--trusted-key", str(key), timeout=120)
-    assert res.returncode == 0 and "signed by" in res.stdout, f"{res.stdout}\n{res.stderr}"
-    _check_site_bundle(bundle, key, sites[site], tmp_path / site / "scans", profile)
+    running: list[subprocess.Popen] = []
 
-    # another site's scans are refused: the bundle is calibrated and checked on the site's own
-    other = registered[1].name
-    res = site_command("-m", "export", "--site-state", str(sites[site]), "--global", str(global_copy),
-                       "--data-dir", str(tmp_path / other / "scans"), "--out", str(tmp_path / site / "other"), timeout=300)
-    assert res.returncode == 2 and "not the scans this site trained on" in res.stderr, res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
-    assert not (tmp_path / site / "other").exists()
+    def site_start(*args: str) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=site_env, cwd=ROOT, stdin=subprocess.DEVNULL)
+        running.append(proc)
+        return proc
+
+    try:
+        # another site's scans are refused (checked below): the bundle is calibrated and checked on the site's own
+        other = registered[1].name
+        refused = site_start("-m", "export", "--site-state", str(sites[site]), "--global", str(global_copy),
+                             "--data-dir", str(tmp_path / other / "scans"), "--out", str(tmp_path / site / "other"))
+        bundle = tmp_path / site / "bundle"
+        res = site_command("-m", "export", "--site-state", str(sites[site]), "--global", str(global_copy),
+                           "--data-dir", str(tmp_path / site / "scans"), "--out", str(bundle), "--no-int8")
+        assert res.returncode == 0, f"the site's export failed:\n{res.stdout}\n{res.stderr}"
+        key = tmp_path / site / "medfedpure-home" / "signing" / "ed25519.pub"
+        info = site_start("-m", "runtime.cli", "info", "--bundle", str(bundle), "--trusted-key", str(key))
+        _check_site_bundle(bundle, key, sites[site], tmp_path / site / "scans", profile)
+        res = _collect(info, 120)
+        assert res.returncode == 0 and "signed by" in res.stdout, f"{res.stdout}\n{res.stderr}"
+
+        res = _collect(refused, 300)
+        assert res.returncode == 2 and "not the scans this site trained on" in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert not (tmp_path / site / "other").exists()
+    finally:
+        for proc in running:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
 
 
 def _check_site_bundle(bundle: Path, key: Path, state_dir: Path, data_dir: Path, profile) -> None:

@@ -448,6 +448,18 @@ def _sweep_plot(rows: list[dict], path: Path) -> None:
 TABLE_ORDER = ("fedavg", "local", "fedem", "fat", "pfeddef", "medfedpure")
 
 
+def _threat_rows(rows: list[tuple], threat: str, flag_rate: bool) -> list[str]:
+    """One table row per evaluated run that has ``threat``: method, run, sites, scans, clean and adversarial accuracy."""
+    out = []
+    for method, run, r in rows:
+        m = r["mean"]
+        if threat in m:
+            tail = f" {_pct(m[threat].get('flag_rate'))} |" if flag_rate else ""
+            out.append(f"| {method} | `{run}` | {len(r['sites'])} | {m['clean']['n']} | {_pct(m['clean']['acc'])} | "
+                       f"{_pct(m[threat]['acc'])} |" + tail)
+    return out
+
+
 def paper_tables(runs: list[str | Path], out: str | Path) -> Path:
     """Table I (L2 PGD, eps 0.1) and Table II (L-inf PGD, eps 0.015) from the runs' ``reports/robustness.json``.
 
@@ -470,18 +482,10 @@ def paper_tables(runs: list[str | Path], out: str | Path) -> Path:
              "attacks crafted on each site's classifier (paper setting, PROTOCOL.md) and passed through the pipeline.", "",
              "## Table I: PGD L2, eps 0.1, step 0.01, 10 steps", "",
              "| method | run | sites | test scans | clean acc | adversarial acc |", "|---|---|---:|---:|---:|---:|"]
-    for method, run, r in rows:
-        m = r["mean"]
-        if "pgd_l2" in m:
-            lines.append(f"| {method} | `{run}` | {len(r['sites'])} | {m['clean']['n']} | {_pct(m['clean']['acc'])} | "
-                         f"{_pct(m['pgd_l2']['acc'])} |")
+    lines += _threat_rows(rows, "pgd_l2", flag_rate=False)
     lines += ["", "## Table II: PGD L-inf, eps 0.015, step 0.003, 7 steps", "",
               "| method | run | sites | test scans | clean acc | adversarial acc | flag rate (attacked) |", "|---|---|---:|---:|---:|---:|---:|"]
-    for method, run, r in rows:
-        m = r["mean"]
-        if "pgd_linf" in m:
-            lines.append(f"| {method} | `{run}` | {len(r['sites'])} | {m['clean']['n']} | {_pct(m['clean']['acc'])} | "
-                         f"{_pct(m['pgd_linf']['acc'])} | {_pct(m['pgd_linf'].get('flag_rate'))} |")
+    lines += _threat_rows(rows, "pgd_linf", flag_rate=True)
     clinical: dict[str, dict] = {}
     for method, run, r in rows:
         key = method if method not in clinical else f"{method} ({run})"
