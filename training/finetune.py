@@ -40,9 +40,8 @@ from training.data.augment import Augment
 from training.data.datasets import Split
 from training.diffusion import GaussianDiffusion, purify
 from training.engine import batches, cosine_lr, train_one_epoch
-from training.federated.task import AdversarialObjective, PurifiedAugmentObjective
 from training.models import create_model
-from training.objectives import make_objective
+from training.objectives import AdversarialObjective, PurifiedAugmentObjective, make_objective
 
 
 @torch.no_grad()

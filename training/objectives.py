@@ -9,9 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
-from training.diffusion import GaussianDiffusion, to_diffusion_space
+from training import config as cfgmod
+from training.attacks.pgd import pgd
+from training.defense import DefensePipeline
+from training.diffusion import GaussianDiffusion, purify, to_diffusion_space
 from training.models.mae import MaskedAutoencoder, random_masks
 from training.models.moe import MixtureOfExperts
 
@@ -111,3 +115,66 @@ def make_objective(component: str, profile):
         d = profile.denoiser
         return DenoiserObjective(GaussianDiffusion.from_config(d), d.t_max_train or d.num_steps, d.train_crop)
     raise ValueError(f"unknown component {component!r}")
+
+
+# --------------------------------------------------------------------------- wrappers of a classifier objective
+# Each takes the batch, changes what the model trains on, and hands it to ``base``.
+
+
+@dataclass
+class AdversarialObjective:
+    """PGD examples for a random fraction of each batch, crafted on the current model (eval mode)."""
+
+    base: object
+    attack: cfgmod.AttackConfig
+    fraction: float
+
+    def __call__(self, model, x, y, generator):
+        n_adv = int(round(self.fraction * x.shape[0]))
+        if n_adv > 0 and self.attack.steps > 0:
+            idx = torch.randperm(x.shape[0], generator=generator)[:n_adv]
+            was_training = model.training
+            model.eval()
+            x_adv = pgd(model, x[idx], y[idx], self.attack, generator)
+            model.train(was_training)
+            x = x.clone()
+            x[idx] = x_adv
+        return self.base(model, x, y, generator)
+
+
+@dataclass
+class PurifyingObjective:
+    """MedFedPure Algorithm 3, lines 10-13: scans the detector flags are purified before the step."""
+
+    base: object
+    defense: DefensePipeline
+
+    def __call__(self, model, x, y, generator):
+        with torch.no_grad():
+            r = self.defense.purified_inputs(x, generator)
+        loss, metrics = self.base(model, r["x_in"], y, generator)
+        return loss, {**metrics, "flagged": float(r["flagged"].float().mean())}
+
+
+@dataclass
+class PurifiedAugmentObjective:
+    """Purify a random ``fraction`` of each batch (t* uniform in ``[t_min, t_max]``) before ``base``."""
+
+    base: object
+    denoiser: nn.Module
+    diffusion: GaussianDiffusion
+    fraction: float
+    t_min: int
+    t_max: int
+    steps: int
+
+    def __call__(self, model, x, y, generator):
+        n = int(round(self.fraction * x.shape[0]))
+        if n > 0:
+            idx = torch.randperm(x.shape[0], generator=generator)[:n]
+            t = int(torch.randint(self.t_min, self.t_max + 1, (1,), generator=generator))
+            with torch.no_grad():
+                purified = purify(self.denoiser, self.diffusion, x[idx], t, self.steps or None, None, generator)
+            x = x.clone()
+            x[idx] = purified
+        return self.base(model, x, y, generator)

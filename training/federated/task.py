@@ -39,12 +39,18 @@ from training.data.augment import Augment
 from training.data.datasets import SPLITS, Dataset, Split, load_dataset
 from training.data.partition import class_shares, partition, partition_like
 from training.defense import DefensePipeline, calibrate_tau, detection_scores
-from training.diffusion import GaussianDiffusion, purify
+from training.diffusion import GaussianDiffusion
 from training.engine import batches, cosine_lr, train_one_epoch
 from training.metrics import balanced_accuracy, positive_class, sensitivity
 from training.models import create_model
 from training.models.moe import site_local_keys
-from training.objectives import adjusted_log_prior, make_objective
+from training.objectives import (  # noqa: F401
+    AdversarialObjective,
+    PurifiedAugmentObjective,
+    PurifyingObjective,
+    adjusted_log_prior,
+    make_objective,
+)
 from training.train import VAL_METRIC, evaluate
 
 
@@ -198,65 +204,6 @@ def root_set(source: str, profile: cfgmod.Profile) -> tuple[np.ndarray, np.ndarr
 
 
 # --------------------------------------------------------------------------- local training
-
-
-@dataclass
-class AdversarialObjective:
-    """PGD examples for a random fraction of each batch, crafted on the current model (eval mode)."""
-
-    base: object
-    attack: cfgmod.AttackConfig
-    fraction: float
-
-    def __call__(self, model, x, y, generator):
-        n_adv = int(round(self.fraction * x.shape[0]))
-        if n_adv > 0 and self.attack.steps > 0:
-            idx = torch.randperm(x.shape[0], generator=generator)[:n_adv]
-            was_training = model.training
-            model.eval()
-            x_adv = pgd(model, x[idx], y[idx], self.attack, generator)
-            model.train(was_training)
-            x = x.clone()
-            x[idx] = x_adv
-        return self.base(model, x, y, generator)
-
-
-@dataclass
-class PurifyingObjective:
-    """MedFedPure Algorithm 3, lines 10-13: scans the detector flags are purified before the step."""
-
-    base: object
-    defense: DefensePipeline
-
-    def __call__(self, model, x, y, generator):
-        with torch.no_grad():
-            r = self.defense.purified_inputs(x, generator)
-        loss, metrics = self.base(model, r["x_in"], y, generator)
-        return loss, {**metrics, "flagged": float(r["flagged"].float().mean())}
-
-
-@dataclass
-class PurifiedAugmentObjective:
-    """Purify a random ``fraction`` of each batch (t* uniform in ``[t_min, t_max]``) before ``base``."""
-
-    base: object
-    denoiser: nn.Module
-    diffusion: GaussianDiffusion
-    fraction: float
-    t_min: int
-    t_max: int
-    steps: int
-
-    def __call__(self, model, x, y, generator):
-        n = int(round(self.fraction * x.shape[0]))
-        if n > 0:
-            idx = torch.randperm(x.shape[0], generator=generator)[:n]
-            t = int(torch.randint(self.t_min, self.t_max + 1, (1,), generator=generator))
-            with torch.no_grad():
-                purified = purify(self.denoiser, self.diffusion, x[idx], t, self.steps or None, None, generator)
-            x = x.clone()
-            x[idx] = purified
-        return self.base(model, x, y, generator)
 
 
 def classifier_objective(profile: cfgmod.Profile, defense: DefensePipeline | None = None, labels=None):
