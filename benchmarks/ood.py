@@ -81,10 +81,10 @@ def _federation_scorer(sites, k: int, refusal_rate: float):
 
     (None, None) where the sites' classifiers do not share their features.
     """
-    from export.bundle import _shared_features
+    from export.bundle import shared_features
     from training.ood import add_stats, feature_stats, mahalanobis_from_stats
 
-    if not _shared_features(sites):
+    if not shared_features(sites):
         return None, None
     fed = mahalanobis_from_stats(sites[0].classifier, add_stats(
         [feature_stats(s.classifier, s.data["train"].images, s.data["train"].labels, k) for s in sites]))

@@ -203,7 +203,7 @@ def _noise_runs(base: cfgmod.Profile, data: str, runs: Path, sigmas, clip: float
 
 def _fat_results(name: str, rows: list[dict], budget: float) -> list[dict]:
     """FAT at the last round whose cumulative training time fits ``budget``, and after all its rounds."""
-    from training.federated.server_app import _nanmean
+    from training.federated.server_app import nanmean
 
     spent, at = 0.0, 1
     per_round = {}
@@ -217,12 +217,12 @@ def _fat_results(name: str, rows: list[dict], budget: float) -> list[dict]:
         at = rnd
     ev = [r for r in rows if r["kind"] == "eval" and r["round"] == at]
     matched = {"run": f"{name} @ round {at}", "sigma": None, "clip": None,
-               "clean_acc": _nanmean(ev, "clean_acc"), "pgd_acc": _nanmean(ev, "pgd_acc"), "epsilon": None,
+               "clean_acc": nanmean(ev, "clean_acc"), "pgd_acc": nanmean(ev, "pgd_acc"), "epsilon": None,
                "train_seconds": spent}
     final = max(per_round) if per_round else 0
     ev = [r for r in rows if r["kind"] == "eval" and r["round"] == final]
     return [matched, {"run": f"{name} (all {final} rounds)", "sigma": None, "clip": None,
-                      "clean_acc": _nanmean(ev, "clean_acc"), "pgd_acc": _nanmean(ev, "pgd_acc"), "epsilon": None,
+                      "clean_acc": nanmean(ev, "clean_acc"), "pgd_acc": nanmean(ev, "pgd_acc"), "epsilon": None,
                       "train_seconds": sum(per_round.values())}]
 
 

@@ -288,7 +288,7 @@ def _fit_ood(sites: list, profile: cfgmod.Profile, refusal_rate: float, log) -> 
     }
 
 
-def _shared_features(sites: list) -> bool:
+def shared_features(sites: list) -> bool:
     """Whether every site computes the same psi (shared experts, no site-local batch norm)."""
     if len(sites) < 2:
         return False
@@ -332,7 +332,7 @@ def _signing_key(signing_key: str | Path | None, log) -> Path:
 def _site_graphs(s, sites: list, profile: cfgmod.Profile, ood_refusal_rate: float, log) -> tuple[dict, dict]:
     """The graphs to export for site ``s`` (classifier, detector, denoiser, ood) and the ood manifest entry."""
     # the experts, hence psi, are the same at every site; a personalized head's site model is checked below
-    ood_graph, ood = _fit_ood(sites if _shared_features(sites) else [s], profile, ood_refusal_rate, log)
+    ood_graph, ood = _fit_ood(sites if shared_features(sites) else [s], profile, ood_refusal_rate, log)
     graphs = {"classifier": ClassifierGraph(s.classifier).eval(),
               "detector": detector_graph(s.pipe.detector, profile).eval(),
               "denoiser": DenoiserGraph(s.pipe.denoiser).eval(),

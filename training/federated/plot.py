@@ -8,13 +8,13 @@ from pathlib import Path
 
 def curves(run_dir: Path) -> tuple[str, list[int], list[float], list[float]]:
     """(method, rounds, mean clean acc, mean PGD acc) of a run's classifier evaluations."""
-    from training.federated.server_app import _nanmean, read_rows
+    from training.federated.server_app import nanmean, read_rows
 
     rows = [r for r in read_rows(run_dir) if r["phase"] == "classifier" and r["kind"] == "eval"]
     method = rows[0]["method"] if rows else Path(run_dir).name
     rounds = sorted({r["round"] for r in rows})
-    clean = [_nanmean([r for r in rows if r["round"] == k], "clean_acc") for k in rounds]
-    pgd = [_nanmean([r for r in rows if r["round"] == k], "pgd_acc") for k in rounds]
+    clean = [nanmean([r for r in rows if r["round"] == k], "clean_acc") for k in rounds]
+    pgd = [nanmean([r for r in rows if r["round"] == k], "pgd_acc") for k in rounds]
     return method, rounds, clean, pgd
 
 

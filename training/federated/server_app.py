@@ -116,7 +116,7 @@ def _site_key(m: Message) -> tuple[int, int]:
     return (site if site >= 0 else int(m.metadata.src_node_id), int(m.metadata.src_node_id))
 
 
-def _nanmean(rows: list[dict], key: str, weighted: bool = True) -> float:
+def nanmean(rows: list[dict], key: str, weighted: bool = True) -> float:
     """Mean of ``key`` over ``rows`` (NaN left out), weighted by each row's scans; ``weighted=False``: one row, one
     vote (figures every site measured on the same scans)."""
     ok = [r for r in rows if key in r and isinstance(r[key], (int, float)) and not math.isnan(r[key])]
@@ -307,13 +307,13 @@ def run_server(grid: Grid, run_dir: str | Path, profile: cfgmod.Profile, data_so
 
 
 def _round_line(phase: str, train_rows: list[dict], eval_rows: list[dict]) -> str:
-    parts = [f"train loss {_nanmean(train_rows, 'loss'):.4f}"]
+    parts = [f"train loss {nanmean(train_rows, 'loss'):.4f}"]
     if phase == "classifier" and eval_rows:
-        parts.append(f"clean acc {_nanmean(eval_rows, 'clean_acc'):.3f}")
-        parts.append(f"PGD acc {_nanmean(eval_rows, 'pgd_acc'):.3f}")
+        parts.append(f"clean acc {nanmean(eval_rows, 'clean_acc'):.3f}")
+        parts.append(f"PGD acc {nanmean(eval_rows, 'pgd_acc'):.3f}")
     elif eval_rows:
         key = task.VAL_METRIC[phase][0]
-        parts.append(f"{key} {_nanmean(eval_rows, key):.5f}")
+        parts.append(f"{key} {nanmean(eval_rows, key):.5f}")
     return ", ".join(parts)
 
 
@@ -346,10 +346,10 @@ def training_defense_summary(rows: list[dict], profile: cfgmod.Profile) -> dict:
     if ev:
         last = max(r["round"] for r in ev)
         honest = [r for r in ev if r["round"] == last and r["site"] not in bad]
-        out["honest_clean_acc"] = _nanmean(honest, "clean_acc")
-        out["honest_pgd_acc"] = _nanmean(honest, "pgd_acc")
+        out["honest_clean_acc"] = nanmean(honest, "clean_acc")
+        out["honest_pgd_acc"] = nanmean(honest, "pgd_acc")
         out["honest_clean_acc_per_round"] = {
-            int(rnd): _nanmean([r for r in ev if r["round"] == rnd and r["site"] not in bad], "clean_acc")
+            int(rnd): nanmean([r for r in ev if r["round"] == rnd and r["site"] not in bad], "clean_acc")
             for rnd in sorted({r["round"] for r in ev})}
     trusted = [r for r in cls if r["kind"] == "train" and "trust" in r]
     if trusted:
@@ -388,16 +388,16 @@ def _summary(profile: cfgmod.Profile, cls: list[dict], seconds: float) -> dict:
         "rounds": {ph: fed.phase_rounds[ph] for ph in profile.phases},
         "local_epochs": {ph: fed.phase_epochs[ph] for ph in profile.phases}, "partition": fed.partition, "fedbn": fed.fedbn,
         "eval_attack": cfgmod.to_dict(profile)["federated"]["eval_attack"],
-        "mean_clean_acc": _nanmean(cls, "clean_acc"), "mean_pgd_acc": _nanmean(cls, "pgd_acc"),
+        "mean_clean_acc": nanmean(cls, "clean_acc"), "mean_pgd_acc": nanmean(cls, "pgd_acc"),
         # PROTOCOL.md rule 8: beside the scan-weighted mean, figures a label-skewed site cannot flatter
-        "mean_balanced_acc": _nanmean(cls, "clean_balanced_acc"), "mean_sensitivity": _nanmean(cls, "clean_sensitivity"),
+        "mean_balanced_acc": nanmean(cls, "clean_balanced_acc"), "mean_sensitivity": nanmean(cls, "clean_sensitivity"),
         "min_site_clean_acc": _nanmin(cls, "clean_acc"),
         # every site is measured on the same pooled scans: one site, one vote (weight 1)
-        "mean_pooled_balanced_acc": _nanmean(cls, "pooled_balanced_acc", weighted=False),
+        "mean_pooled_balanced_acc": nanmean(cls, "pooled_balanced_acc", weighted=False),
         "min_pooled_balanced_acc": _nanmin(cls, "pooled_balanced_acc"),
         # for choosing recipes on validation scans (rule 10)
-        "mean_val_balanced_acc": _nanmean(cls, "val_balanced_acc"),
-        "mean_pooled_val_balanced_acc": _nanmean(cls, "pooled_val_balanced_acc", weighted=False),
+        "mean_val_balanced_acc": nanmean(cls, "val_balanced_acc"),
+        "mean_pooled_val_balanced_acc": nanmean(cls, "pooled_val_balanced_acc", weighted=False),
         "per_site": [{k: r.get(k) for k in ("site", "num-examples", "clean_acc", "pgd_acc", "clean_acc_classifier",
                                             "pgd_acc_classifier", "flag_rate_clean", "flag_rate_pgd", "tau",
                                             *task.CLINICAL_KEYS) if k in r}
@@ -450,7 +450,7 @@ def write_summary(run_dir: Path, profile: cfgmod.Profile, seconds: float) -> dic
     for phase in ("denoiser", "detector"):
         if phase in final:
             key = task.VAL_METRIC[phase][0]
-            summary[f"{phase}_{key}"] = _nanmean(final[phase], key)
+            summary[f"{phase}_{key}"] = nanmean(final[phase], key)
     summary.update(training_defense_summary(rows, profile))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     plot = convergence_plot([run_dir], run_dir / "convergence.png")
