@@ -30,7 +30,7 @@ def _test_split(run: str, site: int):
 
 
 def _source_root(run: str) -> Path:
-    from benchmarks.traffic import read_source
+    from training.runs import read_source
 
     return Path(read_source(run))
 

@@ -35,12 +35,12 @@ import numpy as np
 import torch
 
 from benchmarks.federated_search import pct
+from training.metrics import roc_auc
 from training.ood import (
     OOD_KINDS,
     fit_mahalanobis,
     refusal_threshold,
     risk_coverage,
-    roc_auc,
     score_images,
     synthetic_ood,
 )

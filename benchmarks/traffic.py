@@ -25,13 +25,6 @@ import numpy as np
 import torch
 
 
-def read_source(run: str | Path) -> str:
-    """The data source a run was trained on (``training.runs.read_source``)."""
-    from training.runs import read_source as _source
-
-    return _source(run)
-
-
 def run_sites(run: str | Path) -> list[int]:
     """The site numbers of a run as ``training.evaluate.load_sites`` numbers them, read without loading a model."""
     from training import config as cfgmod
@@ -91,6 +84,7 @@ def manifest_site(manifest: dict, where: str | Path = "the bundle") -> int:
 def make_traffic(run: str, out: str, site: int = 0, n: int = 64, seed: int = 0, batch_size: int = 32) -> dict:
     from runtime.imageio import ImageReadError, read_image
     from training.attacks.pgd import PAPER_LINF, pgd
+    from training.runs import read_source
 
     _, s, info = load_site(run, site)
     test = s.data["test"]

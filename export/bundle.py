@@ -315,20 +315,6 @@ def _load_site(run: Path, site: int, defense: dict | None) -> tuple[cfgmod.Profi
     return profile, sites, s
 
 
-def _signing_key(signing_key: str | Path | None, log) -> Path:
-    """The private key to sign with: ``signing_key``, or this machine's (made on first use); checked readable."""
-    from runtime import signing
-
-    key_path = Path(signing_key) if signing_key else signing.default_signing_key()
-    if not key_path.exists():
-        if signing_key:
-            raise FileNotFoundError(f"{key_path}: no such signing key (make one with `runtime keygen --out {key_path}`)")
-        _, pub = signing.generate_key(key_path)
-        log(f"  made this machine's signing key {key_path}; sites trust its bundles with its public key {pub}")
-    signing.load_private(key_path)  # fail now, not after the export
-    return key_path
-
-
 def _site_graphs(s, sites: list, profile: cfgmod.Profile, ood_refusal_rate: float, log) -> tuple[dict, dict]:
     """The graphs to export for site ``s`` (classifier, detector, denoiser, ood) and the ood manifest entry."""
     # the experts, hence psi, are the same at every site; a personalized head's site model is checked below
@@ -429,7 +415,9 @@ def export_site(run: str | Path, site: int, out: str | Path, *, opset: int = OPS
         raise ValueError(f"{out} exists and is not empty; choose a new --out or pass --force")
     profile, sites, s = _load_site(run, site, defense)
     t0 = time.perf_counter()
-    key_path = _signing_key(signing_key, log)
+    from runtime.signing import signing_key_path
+
+    key_path = signing_key_path(signing_key, lambda m: log(f"  {m}"))
     graphs, ood = _site_graphs(s, sites, profile, ood_refusal_rate, log)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out.parent))

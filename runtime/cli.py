@@ -425,20 +425,6 @@ def _calibration_out(out: str, bundle) -> Path:
     return out
 
 
-def _site_signing_key(signing_key: str | None):
-    """The site's private key path (``--signing-key``, or this machine's, made on first use) and its public key."""
-    from runtime import signing
-
-    key_path = Path(signing_key) if signing_key else signing.default_signing_key()
-    if not key_path.exists():
-        if signing_key:
-            raise ValueError(f"--signing-key {key_path}: no such key (make one with `runtime keygen --out {key_path}`)")
-        _, pub = signing.generate_key(key_path)
-        print(f"made this site's signing key {key_path} (public key {pub})", file=sys.stderr)
-    signing.load_private(key_path)  # fail now, not after scoring
-    return key_path, signing.load_public(key_path)
-
-
 def _clean_scores(args, bundle) -> tuple[np.ndarray, int]:
     """Detection scores of the readable scans of ``--clean`` (fp32), and how many could not be read."""
     from runtime.engines import make_engine
@@ -522,13 +508,16 @@ def _write_signed_copy(bundle, m: dict, out: Path, key_path: Path, site_pub, sig
 
 
 def cmd_calibrate(args) -> int:
+    from runtime import signing
     from runtime.bundle import Bundle
 
     if not 0.0 < args.flag_rate < 1.0:
         raise ValueError(f"--flag-rate must be in (0, 1), got {args.flag_rate}")
     bundle = Bundle.load(args.bundle, **_trust_args(args))
     out = _calibration_out(args.out, bundle)
-    key_path, site_pub = _site_signing_key(args.signing_key)
+    key_path = signing.signing_key_path(args.signing_key, lambda m: print(m, file=sys.stderr),
+                                        made="this site's signing key")
+    site_pub = signing.load_public(key_path)
     s, skipped = _clean_scores(args, bundle)
     tau = _clean_tau(s, args.flag_rate, args.min_scans)
     m = _calibrated_manifest(bundle, args, tau, int(len(s)))

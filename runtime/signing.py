@@ -83,6 +83,21 @@ def generate_key(path: str | Path, *, overwrite: bool = False) -> tuple[Path, Pa
     return path, pub_path
 
 
+def signing_key_path(explicit: str | Path | None, log, made: str = "this machine's signing key") -> Path:
+    """The private key to sign with: ``explicit``, or this machine's default key (made on first use); checked readable.
+
+    A missing ``explicit`` key is an error, never made silently.
+    """
+    key_path = Path(explicit) if explicit else default_signing_key()
+    if not key_path.exists():
+        if explicit:
+            raise SignatureError(f"{key_path}: no such signing key (make one with `runtime keygen --out {key_path}`)")
+        _, pub = generate_key(key_path)
+        log(f"made {made} {key_path}; sites trust what it signs with its public key {pub}")
+    load_private(key_path)  # fail now, not after the work that precedes signing
+    return key_path
+
+
 def load_private(path: str | Path):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey

@@ -192,24 +192,6 @@ def synthetic_ood(scans: np.ndarray, per_kind: int, cfg: PreprocessConfig, seed:
     return np.stack(out), np.asarray(kind_idx)
 
 
-def roc_auc(inlier: np.ndarray, outlier: np.ndarray) -> float:
-    """P(outlier score > inlier score) + 0.5 P(tie): the ROC AUC of the score as an outlier detector."""
-    a, b = np.asarray(inlier, np.float64), np.asarray(outlier, np.float64)
-    allv = np.concatenate([a, b])
-    order = allv.argsort(kind="mergesort")
-    ranks = np.empty(len(allv))
-    sorted_v = allv[order]
-    i = 0
-    while i < len(allv):  # average ranks over ties
-        j = i
-        while j + 1 < len(allv) and sorted_v[j + 1] == sorted_v[i]:
-            j += 1
-        ranks[order[i : j + 1]] = 0.5 * (i + j) + 1.0
-        i = j + 1
-    rb = ranks[len(a) :].sum()
-    return float((rb - len(b) * (len(b) + 1) / 2) / (len(a) * len(b)))
-
-
 def risk_coverage(scores: np.ndarray, correct: np.ndarray) -> list[dict]:
     """Accuracy of the accepted scans against the share accepted, accepting the lowest scores first."""
     order = np.argsort(scores, kind="mergesort")
