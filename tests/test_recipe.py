@@ -367,3 +367,27 @@ def test_personalization_variants_weight_the_experts_as_they_claim():
     for k, v in g.items():
         expect = (a.state_dict()[k] + b.state_dict()[k]) / 2 if k.startswith("gates.") else a.state_dict()[k]
         assert torch.allclose(v.float(), expect.float()), k
+
+
+# --------------------------------------------------------------------------- local optimizer
+
+
+def test_sgd_local_optimizer_is_sgd_with_the_configured_momentum_and_steps_like_it():
+    from training.engine import make_optimizer
+
+    p = C.resolve("tiny", {"classifier": {"optim": {"optimizer": "sgd", "lr": 0.1, "momentum": 0.5, "weight_decay": 0.0}}})
+    w = nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = make_optimizer([w], p.classifier.optim)
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.5
+    for _ in range(2):  # heavy ball: v1 = g, v2 = 0.5 v1 + g; w -= lr v
+        opt.zero_grad()
+        (w * torch.tensor([1.0, 1.0])).sum().backward()  # gradient 1 everywhere
+        opt.step()
+    assert torch.allclose(w.detach(), torch.tensor([1.0 - 0.1 * (1 + 1.5), -2.0 - 0.1 * (1 + 1.5)]))
+    assert isinstance(make_optimizer([w], C.resolve("tiny", {}).classifier.optim), torch.optim.AdamW)
+
+
+@pytest.mark.parametrize("overrides", [{"optimizer": "lion"}, {"momentum": 1.0}, {"lr": 0.0}])
+def test_bad_local_optimizer_settings_are_refused(overrides):
+    with pytest.raises(ValueError):
+        C.resolve("tiny", {"classifier": {"optim": overrides}})

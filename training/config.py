@@ -33,7 +33,8 @@ class UsageError(ValueError):
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Optimisation schedule of one component (AdamW + cosine decay with warm-up)."""
+    """Optimisation schedule of one component: ``optimizer`` (``"adamw"``, or
+    ``"sgd"`` with heavy-ball ``momentum``) and cosine decay with warm-up."""
 
     epochs: int = 10
     batch_size: int = 32
@@ -42,6 +43,14 @@ class OptimConfig:
     warmup_epochs: float = 0.5
     grad_clip: float = 1.0
     eval_every: int = 1
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+
+    def __post_init__(self):
+        if self.optimizer not in ("adamw", "sgd"):
+            raise UsageError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.lr <= 0 or self.batch_size < 1 or not 0.0 <= self.momentum < 1.0:
+            raise UsageError("optim: lr must be > 0, batch_size >= 1 and momentum in [0, 1)")
 
 
 @dataclass(frozen=True)

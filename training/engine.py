@@ -32,6 +32,14 @@ def batches(
         yield (xb[:, None] if xb.dim() == 3 else xb), y[idx]
 
 
+def make_optimizer(params, opt, lr: float | None = None) -> torch.optim.Optimizer:
+    """The optimizer an ``OptimConfig`` names (AdamW, or SGD with momentum), at ``lr`` or the config's."""
+    lr = opt.lr if lr is None else lr
+    if opt.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=opt.weight_decay)
+
+
 def cosine_lr(step: int, total: int, warmup: int, base_lr: float) -> float:
     """Linear warm-up then cosine decay to 1 % of ``base_lr``."""
     if step < warmup:

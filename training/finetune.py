@@ -39,7 +39,7 @@ from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data.augment import Augment
 from training.data.datasets import Split
 from training.diffusion import GaussianDiffusion, purify
-from training.engine import batches, cosine_lr, train_one_epoch
+from training.engine import batches, cosine_lr, make_optimizer, train_one_epoch
 from training.models import create_model
 from training.objectives import AdversarialObjective, PurifiedAugmentObjective, make_objective
 
@@ -120,7 +120,7 @@ def _finetune_epochs(model, objective, denoiser, diffusion, data, profile: cfgmo
     train, val, steps = data["train"], data["val"], profile.defense.steps
     opt_cfg = profile.classifier.optim
     lr = opt_cfg.lr * lr_scale
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=opt_cfg.weight_decay)
+    optimizer = make_optimizer(model.parameters(), opt_cfg, lr)
     generator = torch.Generator().manual_seed(profile.seed + 7)
     total = epochs * math.ceil(len(train) / opt_cfg.batch_size)
 

@@ -23,7 +23,7 @@ from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data.augment import Augment
 from training.data.datasets import Dataset, Split
 from training.diffusion import GaussianDiffusion
-from training.engine import batches, cosine_lr, predict, train_one_epoch
+from training.engine import batches, cosine_lr, make_optimizer, predict, train_one_epoch
 from training.models import create_model
 from training.models.mae import complementary_masks
 from training.objectives import DenoiserObjective, make_objective
@@ -129,7 +129,7 @@ def train_component(
     epochs = epochs if epochs is not None else opt_cfg.epochs
     torch.manual_seed(profile.seed)
     model = create_model(component, profile)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay)
+    optimizer = make_optimizer(model.parameters(), opt_cfg)
     generator = torch.Generator().manual_seed(profile.seed)
     objective = make_objective(component, profile)
     augment = Augment()

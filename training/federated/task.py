@@ -40,7 +40,7 @@ from training.data.datasets import SPLITS, Dataset, Split, load_dataset
 from training.data.partition import class_shares, partition, partition_like
 from training.defense import DefensePipeline, calibrate_tau, detection_scores
 from training.diffusion import GaussianDiffusion
-from training.engine import batches, cosine_lr, train_one_epoch
+from training.engine import batches, cosine_lr, make_optimizer, train_one_epoch
 from training.metrics import balanced_accuracy, positive_class, sensitivity
 from training.models import create_model
 from training.models.moe import site_local_keys
@@ -267,7 +267,7 @@ def local_train(
     objective = (classifier_objective(profile, defense, train.labels) if phase == "classifier"
                  else make_objective(phase, profile))
     extra = proximal_term(model, global_shared, fed.proximal_mu) if fed.proximal_mu > 0 and global_shared else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
+    optimizer = make_optimizer(model.parameters(), opt)
     generator = torch.Generator().manual_seed(zlib.crc32(f"{profile.seed}/{phase}/{data.site}/{server_round}".encode()))
     bs = min(opt.batch_size, len(train))
     sums: dict[str, float] = {}

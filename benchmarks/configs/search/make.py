@@ -20,6 +20,9 @@ RECIPES = {
     "la-avgm-bs4": {"classifier": {"logit_adjust": 1.0}, "classifier.optim": {"batch_size": 4},
                     "federated": {"server_opt": "fedavgm", "server_momentum": 0.5}},
     "bs8": {"classifier.optim": {"batch_size": 8}},
+    "sgd-la-avgm-bs8": {"classifier": {"logit_adjust": 1.0},
+                        "classifier.optim": {"batch_size": 8, "optimizer": "sgd", "lr": 0.03, "momentum": 0.9},
+                        "federated": {"server_opt": "fedavgm", "server_momentum": 0.5}},
     "la-prox": {"classifier": {"logit_adjust": 1.0}, "federated": {"proximal_mu": 0.01}},
 }
 
