@@ -391,3 +391,43 @@ def test_sgd_local_optimizer_is_sgd_with_the_configured_momentum_and_steps_like_
 def test_bad_local_optimizer_settings_are_refused(overrides):
     with pytest.raises(ValueError):
         C.resolve("tiny", {"classifier": {"optim": overrides}})
+
+
+# --------------------------------------------------------------------------- local optimizer state across rounds
+
+
+def _adam_steps(arrays: dict[str, torch.Tensor]) -> set[float]:
+    return {float(v) for k, v in arrays.items() if k.endswith("/step")}
+
+
+def test_local_optimizer_moments_carry_over_to_the_next_round():
+    p = C.resolve("tiny", {"federated": {"method": "fedavg", "sites": 2, "rounds": 2, "keep_optimizer_state": True}})
+    data = task.site_data("synth:96", p, 0, 2)
+    model = task.build_model("classifier", p)
+    moments: dict[str, torch.Tensor] = {}
+    task.local_train("classifier", model, data, p, 1, optimizer_state=moments)
+    params = dict(model.named_parameters())
+    steps = math.floor(len(data["train"]) / min(p.classifier.optim.batch_size, len(data["train"])))
+    assert _adam_steps(moments) == {float(steps)}  # every parameter: AdamW's step, exp_avg, exp_avg_sq
+    assert {k[len(task.OPTIM_PREFIX):].rsplit("/", 1)[0] for k in moments} == set(params)
+    first = {k: v.clone() for k, v in moments.items()}
+    task.local_train("classifier", model, data, p, 2, optimizer_state=moments)
+    assert _adam_steps(moments) == {float(2 * steps)}  # round 2 went on from round 1's moments
+    fresh: dict[str, torch.Tensor] = {}
+    task.local_train("classifier", model, data, p, 2, optimizer_state=fresh)  # empty: a cold start
+    assert _adam_steps(fresh) == {float(steps)}
+    k = next(k for k in first if k.endswith("exp_avg_sq"))
+    assert not torch.equal(moments[k], fresh[k])
+
+
+@pytest.mark.slow
+def test_a_run_keeps_each_sites_optimizer_moments_between_rounds(tmp_path):
+    from training.federated.run import run_federated
+
+    p = _fed("fedavg", 1.0, 0.0, rounds=2, eval_max=8, keep_optimizer_state=True)
+    run_federated(p, "synth:96", tmp_path / "run", backend="inprocess", threads_per_site=1, log=lambda *_: None)
+    for k in range(2):
+        saved = torch.load(tmp_path / f"run/sites/site-{k}/classifier-local-round2.pt", weights_only=True)
+        data = task.site_data("synth:96", p, k, 2)
+        per_round = len(data["train"]) // min(p.classifier.optim.batch_size, len(data["train"]))
+        assert _adam_steps(saved) == {float(2 * per_round)}

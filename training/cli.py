@@ -46,6 +46,7 @@ FED_FLAGS: dict[str, FedFlag] = {  # every scalar FederatedConfig field, in the 
     "partition": FedFlag("simulation: iid | dirichlet:ALPHA | quantity:ALPHA | profile"),
     "fedbn": FedFlag("keep batch-norm statistics and affine parameters at the sites"),
     "proximal_mu": FedFlag("FedProx term mu/2 ||w - w_global||^2 in every local objective"),
+    "keep_optimizer_state": FedFlag("keep each site's optimizer moments from round to round"),
     "adv_fraction": FedFlag("fraction of each batch trained adversarially (fat, pfeddef; medfedpure with "
                             "--purify-fraction)"),
     "purify_train": FedFlag("medfedpure: purify flagged training scans (Alg. 3)"),

@@ -235,7 +235,9 @@ class FederatedConfig:
     ``defense_rounds`` / ``defense_local_epochs`` (0: as ``rounds`` /
     ``local_epochs``) schedule the denoiser and detector phases. ``fedbn`` keeps
     batch-norm at the sites; ``proximal_mu`` > 0 adds mu/2 ||w - w_global||^2
-    to every local objective. ``eval_max`` > 0 caps the test scans per site in
+    to every local objective. ``keep_optimizer_state`` keeps each site's local
+    optimizer moments (AdamW's, or SGD's momentum) from one round to the next
+    instead of starting the optimizer afresh every round. ``eval_max`` > 0 caps the test scans per site in
     the per-round evaluation (0: all).
 
     Training-time defenses (docs/training-defenses.md):
@@ -273,6 +275,7 @@ class FederatedConfig:
     partition: str = "dirichlet:0.5"
     fedbn: bool = False
     proximal_mu: float = 0.0
+    keep_optimizer_state: bool = False
     adv_fraction: float = 0.5
     purify_train: bool = False
     purify_fraction: float = 0.0

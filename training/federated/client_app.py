@@ -202,9 +202,14 @@ def train(msg: Message, context: Context) -> Message:
         model.load_state_dict({**model.state_dict(), **privacy.noisy_weights(received, fed.dp_weight_sigma, g)})
     defense = _defense(msg, profile, model, data) if phase == "classifier" else None
     global_shared = {k2: v.clone() for k2, v in model.state_dict().items() if k2 not in keys}
-    stats = task.local_train(phase, model, data, profile, rnd, defense=defense, global_shared=global_shared)
+    moments = None
+    if fed.keep_optimizer_state:  # the site's optimizer moments after its previous round, if any
+        previous = _load_local(context, state_dir, phase, rnd - 1) or {}
+        moments = {k2: v for k2, v in previous.items() if k2.startswith(task.OPTIM_PREFIX)}
+    stats = task.local_train(phase, model, data, profile, rnd, defense=defense, global_shared=global_shared,
+                             optimizer_state=moments)
     state = model.state_dict()
-    _save_local(context, state_dir, phase, rnd, {k2: v for k2, v in state.items() if k2 in keys})
+    _save_local(context, state_dir, phase, rnd, {**{k2: v for k2, v in state.items() if k2 in keys}, **(moments or {})})
     shared = _outgoing(profile, phase, rnd, site, model, state, global_shared, received, malicious)
     stats["update_norm"] = privacy.update_norm({k2: state[k2] - global_shared[k2] for k2 in received
                                                 if state[k2].is_floating_point()})  # before clipping / poisoning

@@ -239,6 +239,35 @@ def proximal_term(model: nn.Module, reference: dict[str, torch.Tensor], mu: floa
     return term
 
 
+OPTIM_PREFIX = "optim/"  # the site's optimizer moments among its personal arrays: optim/<parameter>/<slot>
+
+
+def optimizer_arrays(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state as flat named arrays (``optim/<parameter>/<slot>``)."""
+    out = {}
+    for name, p in model.named_parameters():
+        for slot, v in optimizer.state.get(p, {}).items():
+            if isinstance(v, torch.Tensor):
+                out[f"{OPTIM_PREFIX}{name}/{slot}"] = v.detach().clone()
+    return out
+
+
+def load_optimizer_arrays(model: nn.Module, optimizer: torch.optim.Optimizer, arrays: dict[str, torch.Tensor]) -> int:
+    """Give ``optimizer`` the per-parameter state saved by :func:`optimizer_arrays`; returns the parameters restored."""
+    slots: dict[str, dict[str, torch.Tensor]] = {}
+    for key, v in arrays.items():
+        if key.startswith(OPTIM_PREFIX):
+            name, slot = key[len(OPTIM_PREFIX):].rsplit("/", 1)
+            slots.setdefault(name, {})[slot] = v.clone()
+    n = 0
+    for name, p in model.named_parameters():
+        st = slots.get(name)
+        if st and all(t.shape == p.shape for k, t in st.items() if k != "step"):
+            optimizer.state[p] = st
+            n += 1
+    return n
+
+
 def local_train(
     phase: str,
     model: nn.Module,
@@ -248,9 +277,15 @@ def local_train(
     *,
     defense: DefensePipeline | None = None,
     global_shared: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, torch.Tensor] | None = None,
     progress: bool = False,
 ) -> dict:
-    """E local epochs of ``phase`` on the site's training scans; returns mean metrics and sample count."""
+    """E local epochs of ``phase`` on the site's training scans; returns mean metrics and sample count.
+
+    ``optimizer_state`` (``keep_optimizer_state``): the optimizer starts from
+    these arrays (the site's moments after its previous round) and the dict is
+    replaced in place by the moments after this round.
+    """
     fed = profile.federated
     opt = getattr(profile, phase).optim
     epochs = fed.phase_epochs[phase]
@@ -268,6 +303,8 @@ def local_train(
                  else make_objective(phase, profile))
     extra = proximal_term(model, global_shared, fed.proximal_mu) if fed.proximal_mu > 0 and global_shared else None
     optimizer = make_optimizer(model.parameters(), opt)
+    if optimizer_state:
+        load_optimizer_arrays(model, optimizer, optimizer_state)
     generator = torch.Generator().manual_seed(zlib.crc32(f"{profile.seed}/{phase}/{data.site}/{server_round}".encode()))
     bs = min(opt.batch_size, len(train))
     sums: dict[str, float] = {}
@@ -287,6 +324,9 @@ def local_train(
         sums["seconds"] = sums.get("seconds", 0.0) + stats["seconds"]
     out = {k: (v if k == "seconds" else v / max(seen, 1)) for k, v in sums.items()}
     out["num-examples"] = len(train)
+    if optimizer_state is not None:
+        optimizer_state.clear()
+        optimizer_state.update(optimizer_arrays(model, optimizer))
     return out
 
 

@@ -23,6 +23,8 @@ RECIPES = {
     "sgd-la-avgm-bs8": {"classifier": {"logit_adjust": 1.0},
                         "classifier.optim": {"batch_size": 8, "optimizer": "sgd", "lr": 0.03, "momentum": 0.9},
                         "federated": {"server_opt": "fedavgm", "server_momentum": 0.5}},
+    "la-avgm-bs8-keep": {"classifier": {"logit_adjust": 1.0}, "classifier.optim": {"batch_size": 8},
+                         "federated": {"server_opt": "fedavgm", "server_momentum": 0.5, "keep_optimizer_state": True}},
     "la-prox": {"classifier": {"logit_adjust": 1.0}, "federated": {"proximal_mu": 0.01}},
 }
 
