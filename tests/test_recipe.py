@@ -431,3 +431,27 @@ def test_a_run_keeps_each_sites_optimizer_moments_between_rounds(tmp_path):
         data = task.site_data("synth:96", p, k, 2)
         per_round = len(data["train"]) // min(p.classifier.optim.batch_size, len(data["train"]))
         assert _adam_steps(saved) == {float(2 * per_round)}
+
+
+def test_gate_warmup_trains_every_expert_with_uniform_gates_then_the_gates():
+    p = C.resolve("tiny", {"federated": {"method": "medfedpure", "sites": 2, "rounds": 2, "gate_warmup_rounds": 1}})
+    data = task.site_data("synth:96", p, 0, 2)
+    model = task.build_model("classifier", p)
+    x = torch.rand(4, 1, p.image_size, p.image_size)
+    model.uniform_gates = True
+    assert torch.allclose(model.forward_all(x)["gate_weights"], torch.full((4, 3), 1 / 3))
+    model.uniform_gates = False
+
+    def snapshot():
+        return {n: v.detach().clone() for n, v in model.named_parameters()}
+
+    def changed(before, prefix):
+        return [n for n, v in model.named_parameters() if n.startswith(prefix) and not torch.equal(v, before[n])]
+
+    before = snapshot()
+    task.local_train("classifier", model, data, p, 1)  # warm-up round: gates untouched, every expert trained
+    assert not changed(before, "gates.") and not model.uniform_gates
+    assert all(changed(before, f"experts.{k}.") for k in range(3))
+    before = snapshot()
+    task.local_train("classifier", model, data, p, 2)  # after the warm-up the gates learn
+    assert changed(before, "gates.")

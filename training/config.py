@@ -237,7 +237,10 @@ class FederatedConfig:
     batch-norm at the sites; ``proximal_mu`` > 0 adds mu/2 ||w - w_global||^2
     to every local objective. ``keep_optimizer_state`` keeps each site's local
     optimizer moments (AdamW's, or SGD's momentum) from one round to the next
-    instead of starting the optimizer afresh every round. ``eval_max`` > 0 caps the test scans per site in
+    instead of starting the optimizer afresh every round. ``gate_warmup_rounds``
+    (MedFedPure): in the classifier phase's first rounds every expert is
+    weighted 1/K and the gates are not trained, so that all experts learn
+    before the gates choose among them. ``eval_max`` > 0 caps the test scans per site in
     the per-round evaluation (0: all).
 
     Training-time defenses (docs/training-defenses.md):
@@ -276,6 +279,7 @@ class FederatedConfig:
     fedbn: bool = False
     proximal_mu: float = 0.0
     keep_optimizer_state: bool = False
+    gate_warmup_rounds: int = 0
     adv_fraction: float = 0.5
     purify_train: bool = False
     purify_fraction: float = 0.0
@@ -325,6 +329,8 @@ class FederatedConfig:
             raise UsageError("root_size must be >= 1")
         if self.method not in METHODS:
             raise UsageError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if self.gate_warmup_rounds < 0:
+            raise UsageError(f"gate_warmup_rounds must be >= 0, got {self.gate_warmup_rounds}")
         if self.sites < 1 or self.rounds < 1 or self.local_epochs < 1:
             raise UsageError("sites, rounds and local_epochs must be >= 1")
         if not 0.0 <= self.adv_fraction <= 1.0:

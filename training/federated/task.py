@@ -309,6 +309,10 @@ def local_train(
     bs = min(opt.batch_size, len(train))
     sums: dict[str, float] = {}
     step, seen = start, 0
+    warmup_gates = phase == "classifier" and server_round <= fed.gate_warmup_rounds and hasattr(model, "uniform_gates")
+    if warmup_gates:  # uniform mixing, and the gates (their L2 term included) left as they are
+        model.uniform_gates = True
+        model.gates.requires_grad_(False)
     for epoch in range(epochs):
         stats = train_one_epoch(
             model, batches(train.images, train.labels, bs, True, generator, drop_last=True),
@@ -322,6 +326,9 @@ def local_train(
             if k not in ("steps", "samples", "seconds"):
                 sums[k] = sums.get(k, 0.0) + v * stats["samples"]
         sums["seconds"] = sums.get("seconds", 0.0) + stats["seconds"]
+    if warmup_gates:
+        model.uniform_gates = False
+        model.gates.requires_grad_(True)
     out = {k: (v if k == "seconds" else v / max(seen, 1)) for k, v in sums.items()}
     out["num-examples"] = len(train)
     if optimizer_state is not None:

@@ -57,6 +57,7 @@ class MixtureOfExperts(nn.Module):
             Expert(backbone, num_classes, head_hidden, drop, **kwargs) for _ in range(num_experts)
         )
         feat = self.experts[0].backbone.num_features
+        self.uniform_gates = False  # gate warm-up: every expert weighted 1/K, the gates unused (not saved)
         self.gates = nn.ModuleList(
             nn.Sequential(nn.Linear(feat, gate_hidden), nn.ReLU(inplace=True), nn.Linear(gate_hidden, 1))
             for _ in range(num_experts)
@@ -72,8 +73,10 @@ class MixtureOfExperts(nn.Module):
         feats = torch.stack(feats, 1)  # [N, K, F]
         expert_logits = torch.stack(logits, 1)  # [N, K, C]
         psi = feats.mean(1)  # [N, F]
-        scores = torch.cat([g(psi) for g in self.gates], 1)  # [N, K]
-        gate_weights = scores.softmax(1)
+        if self.uniform_gates:
+            gate_weights = torch.full(expert_logits.shape[:2], 1.0 / len(self.experts), dtype=x.dtype, device=x.device)
+        else:
+            gate_weights = torch.cat([g(psi) for g in self.gates], 1).softmax(1)  # [N, K]
         log_probs = torch.logsumexp(expert_logits.log_softmax(-1) + gate_weights.clamp_min(1e-12).log()[..., None], 1)
         return {"log_probs": log_probs, "expert_logits": expert_logits, "gate_weights": gate_weights}
 
