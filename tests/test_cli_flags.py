@@ -21,7 +21,7 @@ SCALAR_FIELDS = {f.name for f in dataclasses.fields(C.FederatedConfig)
 # a valid value other than the default for every scalar FederatedConfig field
 FED_VALUES = {
     "method": "pfeddef", "sites": 4, "rounds": 3, "local_epochs": 2, "defense_rounds": 5, "defense_local_epochs": 3,
-    "partition": "quantity:2.0", "fedbn": True, "proximal_mu": 0.01, "keep_optimizer_state": True, "gate_warmup_rounds": 2, "adv_fraction": 0.25, "purify_train": True,
+    "partition": "quantity:2.0", "fedbn": True, "proximal_mu": 0.01, "keep_optimizer_state": True, "gate_warmup_rounds": 2, "bn_recalibrate": True, "adv_fraction": 0.25, "purify_train": True,
     "purify_fraction": 0.5, "eval_every": 2, "eval_max": 7, "aggregation": "krum", "byzantine": 1, "trim_beta": 0.1,
     "root_size": 32, "poison": "scaling", "malicious_fraction": 0.25, "poison_scale": 5.0, "dp_clip": 1.0,
     "dp_sigma": 0.5, "dp_weight_sigma": 0.01, "dp_delta": 1e-6, "feature_skew": True, "server_opt": "fedavg",

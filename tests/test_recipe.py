@@ -455,3 +455,53 @@ def test_gate_warmup_trains_every_expert_with_uniform_gates_then_the_gates():
     before = snapshot()
     task.local_train("classifier", model, data, p, 2)  # after the warm-up the gates learn
     assert changed(before, "gates.")
+
+
+# --------------------------------------------------------------------------- batch-norm recalibration
+
+
+def test_pooled_bn_statistics_are_those_of_all_sites_scans_together():
+    p = C.resolve("tiny", {"federated": {"method": "fedavg", "sites": 2}})
+    torch.manual_seed(0)
+    model = task.build_model("classifier", p)
+    keys = set(model.state_dict())
+    train = task.site_data("synth:320", p, 0, 2)["train"]
+    a = task.subset(train, np.arange(64))
+    b = task.subset(train, np.arange(64, 96))
+    b = task.Split(b.images * 0.5, b.labels, b.groups, b.paths)  # a darker scanner: the sites' means differ
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # one batch per site: each site's statistics are those of all its scans
+    parts = [(len(s), task.bn_statistics(model, s, keys, batch_size=len(s))) for s in (a, b)]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model is left as it was
+    pooled = task.combine_bn_statistics(parts)
+    both = task.Split(np.concatenate([a.images, b.images]), np.concatenate([a.labels, b.labels]), np.arange(96),
+                      [""] * 96)
+    whole = task.bn_statistics(model, both, keys, batch_size=96)  # one batch over both sites' scans
+    assert pooled.keys() == whole.keys()
+    first = [k for k in whole if k.startswith("experts.0.backbone.bn1.")]  # its input does not depend on batch-norm
+    assert len(first) == 2
+    for k in first:  # up to each site's n/(n-1) correction of its own variance
+        assert torch.allclose(pooled[k], whole[k], atol=1e-5, rtol=2e-2), k
+    # the pooled variance holds the spread of the sites' means, which averaging the sites' variances misses
+    var = "experts.0.backbone.bn1.running_var"
+    averaged = (64 * parts[0][1][var] + 32 * parts[1][1][var]) / 96
+    assert float((whole[var] - averaged).mean()) > 0.05 * float(whole[var].mean())
+
+
+@pytest.mark.slow
+def test_a_recalibrated_run_ends_with_the_sites_pooled_bn_statistics(tmp_path):
+    from training.federated.run import run_federated
+
+    p = _fed("fedavg", 1.0, 0.0, rounds=2, eval_max=8, bn_recalibrate=True)
+    run_federated(p, "synth:96", tmp_path / "run", backend="inprocess", threads_per_site=1, log=lambda *_: None)
+    final = _final(tmp_path / "run")
+    model = task.build_model("classifier", p)
+    model.load_state_dict({**model.state_dict(), **final})
+    parts = []
+    for k in range(2):
+        train = task.site_data("synth:96", p, k, 2)["train"]
+        parts.append((len(train), task.bn_statistics(model, train, set(final))))
+    expected = task.combine_bn_statistics(parts)
+    assert expected
+    for k, v in expected.items():
+        assert torch.allclose(final[k], v, atol=1e-5), k

@@ -47,6 +47,7 @@ FED_FLAGS: dict[str, FedFlag] = {  # every scalar FederatedConfig field, in the 
     "fedbn": FedFlag("keep batch-norm statistics and affine parameters at the sites"),
     "proximal_mu": FedFlag("FedProx term mu/2 ||w - w_global||^2 in every local objective"),
     "keep_optimizer_state": FedFlag("keep each site's optimizer moments from round to round"),
+    "bn_recalibrate": FedFlag("pool the sites' batch-norm statistics of the aggregated classifier before each evaluation"),
     "gate_warmup_rounds": FedFlag("medfedpure: first N classifier rounds with uniform gates (experts all trained)"),
     "adv_fraction": FedFlag("fraction of each batch trained adversarially (fat, pfeddef; medfedpure with "
                             "--purify-fraction)"),

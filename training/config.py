@@ -240,7 +240,11 @@ class FederatedConfig:
     instead of starting the optimizer afresh every round. ``gate_warmup_rounds``
     (MedFedPure): in the classifier phase's first rounds every expert is
     weighted 1/K and the gates are not trained, so that all experts learn
-    before the gates choose among them. ``eval_max`` > 0 caps the test scans per site in
+    before the gates choose among them. ``bn_recalibrate``: before each
+    evaluation of the classifier, the sites measure the shared batch-norm
+    layers' statistics of the aggregated model on their training scans and
+    the server pools them (instead of averaging the running statistics each
+    site kept while training, which follow its own label mix). ``eval_max`` > 0 caps the test scans per site in
     the per-round evaluation (0: all).
 
     Training-time defenses (docs/training-defenses.md):
@@ -280,6 +284,7 @@ class FederatedConfig:
     proximal_mu: float = 0.0
     keep_optimizer_state: bool = False
     gate_warmup_rounds: int = 0
+    bn_recalibrate: bool = False
     adv_fraction: float = 0.5
     purify_train: bool = False
     purify_fraction: float = 0.0

@@ -221,8 +221,19 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def _bn_statistics_reply(msg: Message, data: task.SiteData, model, k: int | None) -> Message:
+    """The shared batch-norm layers' statistics of the received model on the site's training scans."""
+    shared = set(msg.content["arrays"].keys()) if "arrays" in msg.content else set()
+    stats = task.bn_statistics(model, data["train"], shared)
+    metrics = _metrics({"num-examples": len(data["train"])}, data.site if k is not None else -1)
+    return Message(content=RecordDict({"arrays": ArrayRecord(stats), "metrics": metrics}), reply_to=msg)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    if bool(msg.content["config"].get("bn-statistics", False)):  # before the evaluation proper (bn_recalibrate)
+        _, _, _, k, _, data, model, _ = _prepare(msg, context, local_round_offset=0)
+        return _bn_statistics_reply(msg, data, model, k)
     phase, rnd, profile, k, state_dir, data, model, keys = _prepare(msg, context, local_round_offset=0)
     t0 = time.perf_counter()
     if phase == "classifier":

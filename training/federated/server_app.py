@@ -265,12 +265,29 @@ def _evaluate_round(grid: Grid, ph: _Phase, fed: cfgmod.FederatedConfig, rnd: in
     return _rows_from(eok, {"phase": ph.name, "round": rnd, "kind": "eval", "method": fed.method})
 
 
+def _recalibrate_bn(grid: Grid, ph: _Phase, fed: cfgmod.FederatedConfig, rnd: int, arrays: ArrayRecord,
+                   log) -> ArrayRecord:
+    """``arrays`` with the shared batch-norm statistics the sites measure on their training scans, pooled."""
+    msgs = list(ph.strategy.configure_evaluate(rnd, arrays, ConfigRecord({**ph.base_cfg, "bn-statistics": True}),
+                                               grid))
+    ok = _check(list(grid.send_and_receive(msgs, timeout=ROUND_TIMEOUT)), len(msgs),
+                f"{ph.name} round {rnd} batch-norm statistics", log)
+    parts = [(int(m.content["metrics"]["num-examples"]), m.content["arrays"].to_torch_state_dict()) for m in ok]
+    pooled = task.combine_bn_statistics(parts)
+    state = arrays.to_torch_state_dict()
+    state.update({k: v.to(state[k].dtype) for k, v in pooled.items() if k in state})
+    return ArrayRecord(state)
+
+
 def _run_round(grid: Grid, run_dir: Path, ph: _Phase, fed: cfgmod.FederatedConfig, state: RunState, rnd: int,
                arrays: ArrayRecord, log) -> ArrayRecord:
     """Train (and evaluate, when due) one round; its rows, arrays, optimizer state and time saved."""
     t0 = time.perf_counter()
     arrays, train_rows = _train_round(grid, ph, fed, rnd, arrays, log)
-    eval_rows = _evaluate_round(grid, ph, fed, rnd, arrays, log) if rnd % fed.eval_every == 0 or rnd == ph.rounds else []
+    due = rnd % fed.eval_every == 0 or rnd == ph.rounds
+    if due and ph.name == "classifier" and fed.bn_recalibrate:
+        arrays = _recalibrate_bn(grid, ph, fed, rnd, arrays, log)
+    eval_rows = _evaluate_round(grid, ph, fed, rnd, arrays, log) if due else []
     log(f"[{ph.name}] round {rnd}/{ph.rounds}: " + _round_line(ph.name, train_rows, eval_rows)
         + f" ({time.perf_counter() - t0:.0f} s)")
     _append_rows(run_dir, train_rows + eval_rows)

@@ -337,6 +337,60 @@ def local_train(
     return out
 
 
+# --------------------------------------------------------------------------- batch-norm statistics
+
+
+@torch.no_grad()
+def bn_statistics(model: nn.Module, split: Split, keys: set[str] | list[str], batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """The batch-norm layers' statistics on ``split`` (those whose buffers are among ``keys``).
+
+    The model runs in training mode over the scans in order (no augmentation),
+    as batch-norm does when it trains, and each layer averages the batch means
+    and variances it sees: ``<layer>.running_mean`` and ``<layer>.running_var``.
+    Nothing else in ``model`` changes.
+    """
+    layers = {n: m for n, m in model.named_modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and f"{n}.running_mean" in keys}
+    if not layers or len(split) == 0:
+        return {}
+    saved = {n: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum)
+             for n, m in layers.items()}
+    was_training = model.training
+    for m in layers.values():
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+    model.train()
+    for x, _ in batches(split.images, split.labels, batch_size, False):
+        model(x)
+    out = {}
+    for n, m in layers.items():
+        out[f"{n}.running_mean"], out[f"{n}.running_var"] = m.running_mean.clone(), m.running_var.clone()
+        m.running_mean.copy_(saved[n][0])
+        m.running_var.copy_(saved[n][1])
+        m.num_batches_tracked.copy_(saved[n][2])
+        m.momentum = saved[n][3]
+    model.train(was_training)
+    return out
+
+
+def combine_bn_statistics(parts: list[tuple[int, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """The pooled statistics of the sites' ``(scans, bn_statistics)``: the mean of the means, and the
+    mean of the variances plus the variance of the means (the law of total variance), weighted by scans."""
+    parts = [(n, st) for n, st in parts if n > 0 and st]
+    if not parts:
+        return {}
+    total = float(sum(n for n, _ in parts))
+    out = {}
+    for key in parts[0][1]:
+        if not key.endswith(".running_mean"):
+            continue
+        layer = key[: -len(".running_mean")]
+        mean = sum(n * st[key] for n, st in parts) / total
+        second = sum(n * (st[f"{layer}.running_var"] + st[key] ** 2) for n, st in parts) / total
+        out[key], out[f"{layer}.running_var"] = mean, (second - mean**2).clamp_min(0.0)
+    return out
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
