@@ -142,7 +142,7 @@ def _prepare(msg: Message, context: Context, local_round_offset: int):
 
     The model is the message's shared arrays plus the site's personal state of
     round ``rnd - local_round_offset`` (the previous round before training,
-    this round's after it, for evaluation).
+    this round's after it, for evaluation), returned last as well.
     """
     cfg = msg.content["config"]
     _threads(context, cfg)
@@ -152,7 +152,7 @@ def _prepare(msg: Message, context: Context, local_round_offset: int):
     data = task.site_data(source, profile, k, n)
     local = _load_local(context, state_dir, phase, rnd - local_round_offset)
     model, keys = _assemble(phase, profile, msg, local)
-    return phase, rnd, profile, k, state_dir, data, model, keys
+    return phase, rnd, profile, k, state_dir, data, model, keys, local or {}
 
 
 def _malicious(profile, k: int | None, phase: str) -> bool:
@@ -189,7 +189,7 @@ def _outgoing(profile, phase: str, rnd: int, site: int, model, state: dict, star
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    phase, rnd, profile, k, state_dir, data, model, keys = _prepare(msg, context, local_round_offset=1)
+    phase, rnd, profile, k, state_dir, data, model, keys, local = _prepare(msg, context, local_round_offset=1)
     fed = profile.federated
     site = data.site if k is not None else -1
     malicious = _malicious(profile, k, phase)
@@ -202,10 +202,8 @@ def train(msg: Message, context: Context) -> Message:
         model.load_state_dict({**model.state_dict(), **privacy.noisy_weights(received, fed.dp_weight_sigma, g)})
     defense = _defense(msg, profile, model, data) if phase == "classifier" else None
     global_shared = {k2: v.clone() for k2, v in model.state_dict().items() if k2 not in keys}
-    moments = None
-    if fed.keep_optimizer_state:  # the site's optimizer moments after its previous round, if any
-        previous = _load_local(context, state_dir, phase, rnd - 1) or {}
-        moments = {k2: v for k2, v in previous.items() if k2.startswith(task.OPTIM_PREFIX)}
+    # the site's optimizer moments after its previous round, if any
+    moments = {k2: v for k2, v in local.items() if k2.startswith(task.OPTIM_PREFIX)} if fed.keep_optimizer_state else None
     stats = task.local_train(phase, model, data, profile, rnd, defense=defense, global_shared=global_shared,
                              optimizer_state=moments)
     state = model.state_dict()
@@ -231,10 +229,9 @@ def _bn_statistics_reply(msg: Message, data: task.SiteData, model, k: int | None
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    phase, rnd, profile, k, state_dir, data, model, keys, _ = _prepare(msg, context, local_round_offset=0)
     if bool(msg.content["config"].get("bn-statistics", False)):  # before the evaluation proper (bn_recalibrate)
-        _, _, _, k, _, data, model, _ = _prepare(msg, context, local_round_offset=0)
         return _bn_statistics_reply(msg, data, model, k)
-    phase, rnd, profile, k, state_dir, data, model, keys = _prepare(msg, context, local_round_offset=0)
     t0 = time.perf_counter()
     if phase == "classifier":
         defense = _defense(msg, profile, model, data)

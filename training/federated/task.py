@@ -24,6 +24,7 @@ site that holds them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import zlib
@@ -309,26 +310,21 @@ def local_train(
     bs = min(opt.batch_size, len(train))
     sums: dict[str, float] = {}
     step, seen = start, 0
-    warmup_gates = phase == "classifier" and server_round <= fed.gate_warmup_rounds and hasattr(model, "uniform_gates")
-    if warmup_gates:  # uniform mixing, and the gates (their L2 term included) left as they are
-        model.uniform_gates = True
-        model.gates.requires_grad_(False)
-    for epoch in range(epochs):
-        stats = train_one_epoch(
-            model, batches(train.images, train.labels, bs, True, generator, drop_last=True),
-            objective, optimizer, generator=generator, augment=Augment(), lr_at=lr_at, start_step=step,
-            grad_clip=opt.grad_clip, extra_loss=extra, progress=progress,
-            desc=f"site {data.site} {phase} r{server_round} e{epoch + 1}/{epochs}",
-        )
-        step += stats["steps"]
-        seen += stats["samples"]
-        for k, v in stats.items():
-            if k not in ("steps", "samples", "seconds"):
-                sums[k] = sums.get(k, 0.0) + v * stats["samples"]
-        sums["seconds"] = sums.get("seconds", 0.0) + stats["seconds"]
-    if warmup_gates:
-        model.uniform_gates = False
-        model.gates.requires_grad_(True)
+    warmup = phase == "classifier" and server_round <= fed.gate_warmup_rounds and hasattr(model, "uniform_mixing")
+    with model.uniform_mixing() if warmup else contextlib.nullcontext():  # gate warm-up: the gates left as they are
+        for epoch in range(epochs):
+            stats = train_one_epoch(
+                model, batches(train.images, train.labels, bs, True, generator, drop_last=True),
+                objective, optimizer, generator=generator, augment=Augment(), lr_at=lr_at, start_step=step,
+                grad_clip=opt.grad_clip, extra_loss=extra, progress=progress,
+                desc=f"site {data.site} {phase} r{server_round} e{epoch + 1}/{epochs}",
+            )
+            step += stats["steps"]
+            seen += stats["samples"]
+            for k, v in stats.items():
+                if k not in ("steps", "samples", "seconds"):
+                    sums[k] = sums.get(k, 0.0) + v * stats["samples"]
+            sums["seconds"] = sums.get("seconds", 0.0) + stats["seconds"]
     out = {k: (v if k == "seconds" else v / max(seen, 1)) for k, v in sums.items()}
     out["num-examples"] = len(train)
     if optimizer_state is not None:

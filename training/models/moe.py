@@ -10,6 +10,8 @@ their site (see :func:`split_state_dict`).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import timm
 import torch
 from torch import nn
@@ -57,7 +59,7 @@ class MixtureOfExperts(nn.Module):
             Expert(backbone, num_classes, head_hidden, drop, **kwargs) for _ in range(num_experts)
         )
         feat = self.experts[0].backbone.num_features
-        self.uniform_gates = False  # gate warm-up: every expert weighted 1/K, the gates unused (not saved)
+        self.uniform_gates = False  # set by uniform_mixing(): every expert weighted 1/K, the gates unused
         self.gates = nn.ModuleList(
             nn.Sequential(nn.Linear(feat, gate_hidden), nn.ReLU(inplace=True), nn.Linear(gate_hidden, 1))
             for _ in range(num_experts)
@@ -82,6 +84,17 @@ class MixtureOfExperts(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_all(x)["log_probs"]
+
+    @contextmanager
+    def uniform_mixing(self):
+        """Within the block every expert is weighted 1/K and the gates are frozen (gate warm-up)."""
+        self.uniform_gates = True
+        self.gates.requires_grad_(False)
+        try:
+            yield self
+        finally:
+            self.uniform_gates = False
+            self.gates.requires_grad_(True)
 
 
 def site_local_keys(model: MixtureOfExperts, keep_bn_local: bool = False) -> set[str]:
