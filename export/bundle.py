@@ -187,6 +187,7 @@ def build_manifest(*, profile: cfgmod.Profile, site: int, run: Path, class_names
             "t_star": {"t_min": d.t_min, "t_max": d.t_max, "ref_ratio": d.ref_ratio, "quantum": d.quantum,
                        "formula": "t = t_min + clip((s - tau) / (tau * (ref_ratio - 1)), 0, 1) * (t_max - t_min), "
                                   "rounded to a multiple of quantum, clipped to [t_min, t_max]"},
+            "mode": d.mode, "draws": d.draws,
             "steps": d.steps, "sampler": "ddim eta=0 on a respacing from t*" if d.steps else "ddpm ancestral, every step",
             "space": "x in [0, 1] -> 2x - 1; the denoiser predicts epsilon of x_t at integer timestep t (given as float)",
         },

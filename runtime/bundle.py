@@ -109,6 +109,8 @@ def validate_manifest(m: object, where: str) -> None:
     need(_finite(o.get("threshold")) and o["threshold"] > 0, "'ood.threshold' must be a finite positive number")
     draws = m.get("purification", {}).get("draws", 1)
     need(_int(draws) and 1 <= draws <= 16, "purification draws in 1..16")
+    need(m.get("purification", {}).get("mode", "adaptive") in ("adaptive", "always"),
+         "purification mode 'adaptive' (the flagged scans) or 'always' (every scan)")
 
 
 @dataclass

@@ -238,6 +238,7 @@ class _Infer:
                       file=sys.stderr)
         m = self.bundle.manifest
         self.draws = args.draws or int(m["purification"].get("draws", 1))
+        self.mode = m["purification"].get("mode", "adaptive")  # signed with the rest of the manifest
         if not 1 <= self.draws <= 16:
             raise ValueError(f"--draws must be in 1..16, got {self.draws}")
         self.engine = make_engine(self.bundle, args.engine, args.device, args.precision, args.threads,
@@ -288,7 +289,7 @@ class _Infer:
     def classify(self, files: list[Path], xs: list[np.ndarray], shas: list[str], pre_ms: list[float]) -> list[dict]:
         """One record per scan of a batch that went through the pipeline."""
         seeds = self.seeds(shas)
-        res = self.pipe.run(np.stack(xs)[:, None], seed=seeds)
+        res = self.pipe.run(np.stack(xs)[:, None], seed=seeds, mode=self.mode)
         n, n_flag, tm = len(files), int(res["flagged"].sum()), res["timings"]
         names, thr = self.bundle.class_names, self.bundle.ood_threshold
         recs = []
@@ -401,7 +402,9 @@ def cmd_info(args) -> int:
         f"({o.get('calibration', {}).get('refusal_rate')} of {o.get('calibration', {}).get('n_scans')} clean "
         f"{o.get('calibration', {}).get('split')} scans refused)",
         f"  purification  t* {pur['t_star']['t_min']}..{pur['t_star']['t_max']}, "
-        f"{pur['steps'] or 'every'} step(s), {pur.get('sampler', '')}",
+        f"{pur['steps'] or 'every'} step(s), {pur.get('sampler', '')}; "
+        + ("every scan purified" if pur.get("mode") == "always" else "flagged scans purified")
+        + (f", {pur['draws']} draws averaged" if pur.get("draws", 1) > 1 else ""),
         f"  provenance    run {prov.get('run', '?')}, site {prov.get('site', '?')}, code {prov.get('code_revision', '?')}, "
         f"split {str(prov.get('split_digest', '?'))[:12]}",
     ]

@@ -196,9 +196,11 @@ def cmd_evaluate(args) -> int:
     defense = cfgmod.defense_overrides(args.defense)
     adaptive = AdaptiveConfig(
         attack=cfgmod.AttackConfig(eps=args.adaptive_eps, step=args.adaptive_step, steps=args.adaptive_steps),
-        eot=args.eot, gradient=args.gradient, attack_purify_steps=args.attack_purify_steps,
+        eot=args.eot, gradient=args.gradient, attack_purify_steps=args.attack_purify_steps or 2,
         support=args.adaptive_support, flat_fraction=args.flat_fraction,
     )
+    if args.threat == "suite":
+        return _suite(args, defense)
     if args.sweep or args.sweep_only:
         from training.evaluate import sweep_run
 
@@ -212,6 +214,28 @@ def cmd_evaluate(args) -> int:
     print(f"\nwrote {args.run}/reports/{report['files'][0]}")
     for k, v in report["mean"].items():
         print(f"  {k:14s} accuracy {100 * v['acc']:.2f} % over {v['n']} scans")
+    return 0
+
+
+def _suite(args, defense: dict) -> int:
+    from training.attacks.suite import ATTACKS, SuiteConfig
+    from training.evaluate import suite_run
+
+    attacks = tuple(a for a in args.suite_attacks.split(",") if a) if args.suite_attacks else ATTACKS
+    try:
+        cfg = SuiteConfig(long_steps=args.suite_steps, restarts=args.restarts, apgd_steps=args.apgd_steps,
+                          eot=args.suite_eot, adaptive_steps=args.suite_adaptive_steps,
+                          adaptive_eot=args.suite_adaptive_eot, purify_steps=args.attack_purify_steps or 0,
+                          draws=args.draws, attacks=attacks)
+    except ValueError as err:
+        raise cfgmod.UsageError(str(err)) from None
+    r = suite_run(args.run, cfg, max_scans=args.suite_max, cheap_max=args.max_scans, seed=args.seed,
+                  source=args.data, defense=defense, tag=args.tag, command=args.command_line)
+    w = r["worst_case"]
+    print(f"\nwrote {args.run}/reports/suite{'-' + args.tag if args.tag else ''}.md")
+    print(f"  clean {100 * r['clean']['robust_acc']:.2f} %; worst case over the suite {100 * w['robust_acc']:.2f} % "
+          f"(worst of {cfg.draws} draws {100 * w['worst_of_n']:.2f} %) on {w['scans']} scans; "
+          f"strongest attack {w['strongest']}")
     return 0
 
 
@@ -307,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="robustness of a trained run under PROTOCOL.md; writes RUN/reports/robustness.md")
     e.add_argument("--run", required=True)
-    e.add_argument("--threat", choices=("paper", "adaptive", "transfer", "all"), default="paper")
+    e.add_argument("--threat", choices=("paper", "adaptive", "transfer", "all", "suite"), default="paper",
+                   help="suite: every attack of training/attacks/suite.py, worst case per scan, N purification draws "
+                        "(writes reports/suite.md/json)")
     e.add_argument("--data", help="data source (default: the one the run was trained on)")
     e.add_argument("--max-scans", type=int, default=0, help="test scans per site (0: all)")
     e.add_argument("--adaptive-max", type=int, default=64, help="test scans per site for the adaptive attack (0: all)")
@@ -316,7 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adaptive-steps", type=int, default=20)
     e.add_argument("--eot", type=int, default=4, help="purification noise samples per adaptive step")
     e.add_argument("--gradient", choices=("exact", "bpda"), default="exact")
-    e.add_argument("--attack-purify-steps", type=int, default=2, help="DDIM steps of the purification the attack differentiates")
+    e.add_argument("--attack-purify-steps", type=int, default=0,
+                   help="DDIM steps of the purification the attack differentiates (default: 2 for --threat adaptive; "
+                        "the defense's own steps for the suite)")
     e.add_argument("--adaptive-support", choices=("all", "textured"), default="all",
                    help="textured: the adaptive attacker leaves the flattest pixels alone (evades the noise-floor score)")
     e.add_argument("--flat-fraction", type=float, default=0.2, help="pixels left alone with --adaptive-support textured")
@@ -329,6 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the run's defense settings, e.g. --defense t_min=150,t_max=250,steps=1 "
                         "(keys: score, flag_rate, t_min, t_max, ref_ratio, quantum, steps, rule, kappa, floor_fraction)")
     e.add_argument("--tag", default="", help="write reports/robustness-TAG.* (and sweep-TAG.*) instead")
+    su = e.add_argument_group("attack suite (--threat suite)")
+    su.add_argument("--suite-max", type=int, default=256,
+                    help="class-balanced pooled test scans for the costly attacks (0: all; --max-scans: for the cheap ones)")
+    su.add_argument("--suite-attacks", default="", help="comma-separated subset of the suite's attacks (default: all)")
+    su.add_argument("--suite-steps", type=int, default=100, help="steps of the long PGD on the classifier")
+    su.add_argument("--restarts", type=int, default=2, help="restarts of the long PGD and the adaptive attacks")
+    su.add_argument("--apgd-steps", type=int, default=50)
+    su.add_argument("--suite-eot", type=int, default=20, help="purification draws per APGD step")
+    su.add_argument("--suite-adaptive-steps", type=int, default=50)
+    su.add_argument("--suite-adaptive-eot", type=int, default=4)
+    su.add_argument("--draws", type=int, default=10, help="purifications per attacked scan when scoring (worst / majority of N)")
     e.set_defaults(func=cmd_evaluate)
 
     tb = sub.add_parser("tables", help="the paper's Tables I and II from evaluated runs (one row per method)")

@@ -180,6 +180,12 @@ class DefenseConfig:
     a batch of test inputs and its decision for one scan depends on the
     others, so it cannot run per scan at a scanner; ``"tau"`` (the default)
     decides every scan alone.
+
+    ``mode = "always"`` purifies every scan (t* from its score, at least
+    ``t_min``) instead of the flagged ones only: an attacker can no longer win
+    by staying under tau. ``draws`` purifications of a scan are averaged
+    (their probabilities), which makes the answer depend less on one noise
+    draw. Both travel with the bundle (``purification.mode`` / ``.draws``).
     """
 
     flag_rate: float = 0.05
@@ -192,8 +198,14 @@ class DefenseConfig:
     kappa: float = 0.5
     score: str = "floor"
     floor_fraction: float = 0.1
+    mode: str = "adaptive"
+    draws: int = 1
 
     def __post_init__(self):
+        if self.mode not in ("adaptive", "always"):
+            raise UsageError(f"defense mode must be 'adaptive' or 'always', got {self.mode!r}")
+        if not 1 <= self.draws <= 16:
+            raise UsageError(f"defense draws must be in 1..16, got {self.draws}")
         if self.rule not in ("tau", "kappa"):
             raise UsageError(f"defense rule must be 'tau' or 'kappa', got {self.rule!r}")
         if self.score not in ("floor", "mae"):

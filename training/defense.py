@@ -161,7 +161,10 @@ class DefensePipeline(nn.Module):
 
     def decide(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(flagged ``[N]`` bool, t* ``[N]`` long, 0 where not flagged) from detection scores."""
-        flagged = kappa_flags(scores, self.cfg.kappa) if self.cfg.rule == "kappa" else scores > self.tau
+        if self.cfg.mode == "always":  # purify every scan; t* from its score, at least t_min
+            flagged = torch.ones_like(scores, dtype=torch.bool)
+        else:
+            flagged = kappa_flags(scores, self.cfg.kappa) if self.cfg.rule == "kappa" else scores > self.tau
         t_star = torch.where(flagged, t_star_of(scores, self.tau, self.cfg), torch.zeros_like(scores, dtype=torch.long))
         return flagged, t_star
 
@@ -191,8 +194,18 @@ class DefensePipeline(nn.Module):
         return {"x_in": x_in, "scores": scores, "flagged": flagged, "t_star": t_star}
 
     def run(self, x: torch.Tensor, generator=None) -> dict[str, torch.Tensor]:
+        """Probabilities, scores, flags and t*; with ``cfg.draws`` > 1 a flagged scan's probabilities are the
+        mean over that many purifications (each with its own noise from ``generator``)."""
         r = self.purified_inputs(x, generator)
         probs = self.classifier(r.pop("x_in")).softmax(1)
+        flagged = r["flagged"]
+        if self.cfg.draws > 1 and bool(flagged.any()):
+            total = probs[flagged]
+            for _ in range(self.cfg.draws - 1):
+                xp = self.purify_flagged(x, flagged, r["t_star"], generator)
+                total = total + self.classifier(xp[flagged]).softmax(1)
+            probs = probs.clone()
+            probs[flagged] = total / self.cfg.draws
         return {"probs": probs, **r}
 
     def forward(self, x: torch.Tensor, generator=None) -> torch.Tensor:

@@ -523,3 +523,159 @@ def clinician_row(run: str | Path, r: dict) -> dict:
     return {"mean_clean": get("clean"), "min_site_clean": min(site_clean) if site_clean else None,
             "pooled_balanced": get("pooled", "balanced_acc"), "mean_sensitivity": get("clean", "sensitivity"),
             "pgd_linf": get("pgd_linf"), "pgd_l2": get("pgd_l2"), "train_minutes": minutes}
+
+
+# --------------------------------------------------------------------------- the attack suite
+
+
+def balanced_order(labels: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Indices of ``labels`` with the classes interleaved (each in a random order): every even prefix is balanced
+    as far as the smaller class allows."""
+    rng = np.random.default_rng(seed)
+    per = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    out = []
+    for i in range(max(len(p) for p in per)):
+        out += [int(p[i]) for p in per if i < len(p)]
+    return np.asarray(out, np.int64)
+
+
+def _suite_scans(sites: list[Site], max_scans: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images, labels, site index) of the suite's scans: a class-balanced sample of the pooled test set, dealt to
+    the sites in turn (a federated site's system must be right on any site's scan; a centralised run has one)."""
+    first = sites[0].data
+    t: Split = first.pooled["test"] if first.pooled is not None else first["test"]
+    order = balanced_order(np.asarray(t.labels))
+    if max_scans > 0:
+        order = order[:max_scans]
+    return t.images[order], np.asarray(t.labels)[order], np.arange(len(order)) % len(sites)
+
+
+def suite_run(run: str | Path, cfg=None, *, max_scans: int = 256, cheap_max: int = 0, seed: int = 0,
+              batch_size: int = 32, log=print, source: str | None = None, defense: dict | None = None,
+              tag: str = "", command: str = "") -> dict:
+    """Every attack of the suite against every site's system; writes ``RUN/reports/suite[-tag].json`` and ``.md``.
+
+    ``max_scans``: class-balanced pooled test scans for the costly attacks;
+    ``cheap_max``: for the classifier-side PGD attacks (0: every test scan).
+    The costly attacks' scans are the first ``max_scans`` of the cheap ones,
+    and the suite's worst case is taken over those.
+    """
+    from training.attacks.suite import (
+        CHEAP,
+        SuiteConfig,
+        craft,
+        outcomes,
+        resolved,
+        summarise,
+        worst_case,
+    )
+
+    profile, sites, info = load_sites(run, source, defense)
+    cfg = resolved(cfg or SuiteConfig(), sites[0].pipe)
+    images, labels, owner = _suite_scans(sites, cheap_max)
+    n_costly = min(len(labels), max_scans) if max_scans > 0 else len(labels)
+    t_all = time.perf_counter()
+
+    def run_attack(name: str | None, n: int) -> tuple[dict, np.ndarray, np.ndarray] | None:
+        correct, flagged = np.zeros((n, 1 if sites[0].pipe is None else cfg.draws), bool), np.zeros(n, bool)
+        t0, used = time.perf_counter(), False
+        for k, site in enumerate(sites):
+            idx = np.flatnonzero(owner[:n] == k)
+            if len(idx) == 0:
+                continue
+            x = torch.as_tensor(images[idx])[:, None].float()
+            y = torch.as_tensor(labels[idx]).long()
+            other = sites[(k + 1) % len(sites)].classifier if len(sites) > 1 else None
+            if name is None:
+                adv = x
+            else:
+                parts = []
+                for i in range(0, len(x), batch_size):
+                    a = craft(name, cfg, site.pipe, site.classifier, x[i : i + batch_size], y[i : i + batch_size],
+                              seed + 1000 * site.site + i, other)
+                    if a is None:
+                        return None
+                    parts.append(a)
+                adv = torch.cat(parts)
+                _check_budget(name, cfg, adv, x)
+            o = outcomes(site.pipe, site.classifier, adv, y, cfg.draws, seed + 7 + 1000 * site.site, batch_size)
+            correct[idx], flagged[idx] = o["correct"], o["flagged"]
+            used = True
+        if not used:
+            return None
+        res = summarise(correct, flagged) | {"seconds": time.perf_counter() - t0}
+        return res, correct, flagged
+
+    clean_res, clean_correct, _ = run_attack(None, len(labels))
+    log(f"clean: {clean_res['robust_acc']:.4f} on {clean_res['scans']} scans ({clean_res['seconds']:.0f} s)")
+    rows, per_attack = [], {}
+    for name in cfg.attacks:
+        n = len(labels) if name in CHEAP else n_costly
+        got = run_attack(name, n)
+        if got is None:
+            log(f"{name}: does not apply to this run, skipped")
+            continue
+        res, correct, _ = got
+        rows.append({"name": name, "params": cfg.params(name), **res})
+        per_attack[name] = correct[:n_costly]
+        log(f"{name}: {res['robust_acc']:.4f} (worst of {res['draws']} {res['worst_of_n']:.4f}, flagged "
+            f"{res['flag_rate']:.2%}) on {res['scans']} scans ({res['seconds']:.0f} s)")
+    clean_sub = clean_correct[:n_costly]
+    report = {
+        **info, "profile": profile.name, "sites": len(sites), "scans": n_costly, "cheap_scans": int(len(labels)),
+        "defense": cfgmod.to_dict(profile)["defense"], "defense_overrides": dict(defense or {}),
+        "suite": asdict(cfg), "seed": seed,
+        "clean": clean_res | {"same_scans_as_worst_case": summarise(clean_sub, np.zeros(len(clean_sub), bool))},
+        "attacks": rows,
+        "worst_case": worst_case(per_attack),
+        "command": command,
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "seconds": time.perf_counter() - t_all,
+    }
+    wc = report["worst_case"]
+    report["worst_of_n"] = wc.get("worst_of_n")
+    report["majority_of_n"] = wc.get("majority_of_n")
+    out = Path(run) / "reports"
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = f"-{tag}" if tag else ""
+    (out / f"suite{suffix}.json").write_text(json.dumps(report, indent=1))
+    (out / f"suite{suffix}.md").write_text(render_suite(report))
+    return report
+
+
+def _check_budget(name: str, cfg, adv: torch.Tensor, x: torch.Tensor) -> None:
+    """Every attack stays inside its budget and [0, 1]; a breach is a bug, never a result."""
+    d = (adv - x).flatten(1)
+    l2 = name.endswith("-l2")
+    size = d.norm(dim=1).max() if l2 else d.abs().max()
+    eps = cfg.eps_l2 if l2 else cfg.eps_linf
+    if float(size) > eps * (1 + 1e-4) + 1e-6 or float(adv.min()) < 0 or float(adv.max()) > 1:
+        raise RuntimeError(f"attack {name} left its budget: {'L2' if l2 else 'L-inf'} {float(size):.6f} > {eps}")
+
+
+def render_suite(r: dict) -> str:
+    """Markdown of a suite report."""
+    c = r["clean"]
+    lines = [f"# Attack suite: {r['run']}", "", f"{r['kind']}, profile `{r['profile']}`, {r['sites']} site(s); "
+             f"defense mode `{r['defense'].get('mode', 'adaptive')}`, {r['defense'].get('draws', 1)} draw(s) averaged, "
+             f"{r['defense']['steps']} purification step(s), t* {r['defense']['t_min']}..{r['defense']['t_max']}.", "",
+             f"Produced by: `{r['command']}` ({r['seconds'] / 60:.1f} min, torch {r['machine']['torch']}, "
+             f"{r['machine']['threads']} threads). Scans: class-balanced from the pooled test set; {r['scans']} for "
+             f"the costly attacks, {r['cheap_scans']} for the classifier-side PGD. Each attacked scan goes through "
+             f"the real system {r['suite']['draws']} times with fresh purification noise.", "",
+             "| attack | scans | accuracy (one draw) | worst of N | majority of N | flagged | seconds |",
+             "|---|---:|---:|---:|---:|---:|---:|",
+             f"| clean | {c['scans']} | {_pct(c['robust_acc'])} | {_pct(c['worst_of_n'])} | {_pct(c['majority_of_n'])} | "
+             f"{_pct(c['flag_rate'])} | {c['seconds']:.0f} |"]
+    for a in r["attacks"]:
+        lines.append(f"| {a['name']} | {a['scans']} | {_pct(a['robust_acc'])} | {_pct(a['worst_of_n'])} | "
+                     f"{_pct(a['majority_of_n'])} | {_pct(a['flag_rate'])} | {a['seconds']:.0f} |")
+    w = r["worst_case"]
+    if w:
+        lines.append(f"| **worst case over the suite** | {w['scans']} | **{_pct(w['robust_acc'])}** | "
+                     f"**{_pct(w['worst_of_n'])}** | {_pct(w['majority_of_n'])} | | |")
+        lines += ["", f"Strongest single attack: `{w['strongest']}`. Clean on the same {w['scans']} scans: "
+                  f"{_pct(c['same_scans_as_worst_case']['robust_acc'])}."]
+    lines += ["", "## Attack parameters", "", "```json", json.dumps({a["name"]: a["params"] for a in r["attacks"]}, indent=1),
+              "```"]
+    return "\n".join(lines) + "\n"
