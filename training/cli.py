@@ -230,7 +230,7 @@ def _suite(args, defense: dict) -> int:
     except ValueError as err:
         raise cfgmod.UsageError(str(err)) from None
     r = suite_run(args.run, cfg, max_scans=args.suite_max, cheap_max=args.max_scans, seed=args.seed,
-                  source=args.data, defense=defense, tag=args.tag, command=args.command_line)
+                  source=args.data, defense=defense, tag=args.tag, command=args.command_line, split=args.split)
     w = r["worst_case"]
     print(f"\nwrote {args.run}/reports/suite{'-' + args.tag if args.tag else ''}.md")
     print(f"  clean {100 * r['clean']['robust_acc']:.2f} %; worst case over the suite {100 * w['robust_acc']:.2f} % "
@@ -360,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     su = e.add_argument_group("attack suite (--threat suite)")
     su.add_argument("--suite-max", type=int, default=256,
                     help="class-balanced pooled test scans for the costly attacks (0: all; --max-scans: for the cheap ones)")
+    su.add_argument("--split", choices=("test", "val"), default="test",
+                    help="val: run the suite on validation scans, to choose a defense; report on test")
     su.add_argument("--suite-attacks", default="", help="comma-separated subset of the suite's attacks (default: all)")
     su.add_argument("--suite-steps", type=int, default=100, help="steps of the long PGD on the classifier")
     su.add_argument("--restarts", type=int, default=2, help="restarts of the long PGD and the adaptive attacks")

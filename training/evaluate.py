@@ -539,11 +539,11 @@ def balanced_order(labels: np.ndarray, seed: int = 0) -> np.ndarray:
     return np.asarray(out, np.int64)
 
 
-def _suite_scans(sites: list[Site], max_scans: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(images, labels, site index) of the suite's scans: a class-balanced sample of the pooled test set, dealt to
+def _suite_scans(sites: list[Site], max_scans: int, split: str = "test") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images, labels, site index) of the suite's scans: a class-balanced sample of the pooled ``split``, dealt to
     the sites in turn (a federated site's system must be right on any site's scan; a centralised run has one)."""
     first = sites[0].data
-    t: Split = first.pooled["test"] if first.pooled is not None else first["test"]
+    t: Split = first.pooled[split] if first.pooled is not None else first[split]
     order = balanced_order(np.asarray(t.labels))
     if max_scans > 0:
         order = order[:max_scans]
@@ -552,8 +552,10 @@ def _suite_scans(sites: list[Site], max_scans: int) -> tuple[np.ndarray, np.ndar
 
 def suite_run(run: str | Path, cfg=None, *, max_scans: int = 256, cheap_max: int = 0, seed: int = 0,
               batch_size: int = 32, log=print, source: str | None = None, defense: dict | None = None,
-              tag: str = "", command: str = "") -> dict:
+              tag: str = "", command: str = "", split: str = "test") -> dict:
     """Every attack of the suite against every site's system; writes ``RUN/reports/suite[-tag].json`` and ``.md``.
+
+    ``split="val"`` runs it on validation scans, to choose a defense (PROTOCOL.md rule 10); report on "test".
 
     ``max_scans``: class-balanced pooled test scans for the costly attacks;
     ``cheap_max``: for the classifier-side PGD attacks (0: every test scan).
@@ -572,7 +574,9 @@ def suite_run(run: str | Path, cfg=None, *, max_scans: int = 256, cheap_max: int
 
     profile, sites, info = load_sites(run, source, defense)
     cfg = resolved(cfg or SuiteConfig(), sites[0].pipe)
-    images, labels, owner = _suite_scans(sites, cheap_max)
+    if split not in ("val", "test"):
+        raise cfgmod.UsageError(f"the suite runs on 'val' or 'test' scans, not {split!r}")
+    images, labels, owner = _suite_scans(sites, cheap_max, split)
     n_costly = min(len(labels), max_scans) if max_scans > 0 else len(labels)
     t_all = time.perf_counter()
 
@@ -622,7 +626,7 @@ def suite_run(run: str | Path, cfg=None, *, max_scans: int = 256, cheap_max: int
             f"{res['flag_rate']:.2%}) on {res['scans']} scans ({res['seconds']:.0f} s)")
     clean_sub = clean_correct[:n_costly]
     report = {
-        **info, "profile": profile.name, "sites": len(sites), "scans": n_costly, "cheap_scans": int(len(labels)),
+        **info, "profile": profile.name, "split": split, "sites": len(sites), "scans": n_costly, "cheap_scans": int(len(labels)),
         "defense": cfgmod.to_dict(profile)["defense"], "defense_overrides": dict(defense or {}),
         "suite": asdict(cfg), "seed": seed,
         "clean": clean_res | {"same_scans_as_worst_case": summarise(clean_sub, np.zeros(len(clean_sub), bool))},
@@ -660,7 +664,8 @@ def render_suite(r: dict) -> str:
              f"defense mode `{r['defense'].get('mode', 'adaptive')}`, {r['defense'].get('draws', 1)} draw(s) averaged, "
              f"{r['defense']['steps']} purification step(s), t* {r['defense']['t_min']}..{r['defense']['t_max']}.", "",
              f"Produced by: `{r['command']}` ({r['seconds'] / 60:.1f} min, torch {r['machine']['torch']}, "
-             f"{r['machine']['threads']} threads). Scans: class-balanced from the pooled test set; {r['scans']} for "
+             f"{r['machine']['threads']} threads). Scans: class-balanced from the pooled {r.get('split', 'test')} "
+             f"split; {r['scans']} for "
              f"the costly attacks, {r['cheap_scans']} for the classifier-side PGD. Each attacked scan goes through "
              f"the real system {r['suite']['draws']} times with fresh purification noise.", "",
              "| attack | scans | accuracy (one draw) | worst of N | majority of N | flagged | seconds |",
