@@ -233,3 +233,22 @@ def test_the_chosen_mode_travels_from_the_run_through_the_bundle_to_the_runtime(
     res2 = tmp_path / "r2.jsonl"
     assert main(["infer", str(scans), "--bundle", str(tiny_bundle), "--out", str(res2), "--quiet", "--seed", "1"]) == 0
     assert not all(r["flagged"] for r in _records(res2) if not r.get("refused"))
+
+
+def test_collect_puts_reports_side_by_side(tmp_path):
+    from benchmarks.robustness_suite import main
+
+    rep = {"attacks": [{"name": "apgd-ce", "robust_acc": 0.5, "worst_of_n": 0.25, "scans": 4}],
+           "clean": {"robust_acc": 1.0, "worst_of_n": 0.75, "scans": 8},
+           "worst_case": {"robust_acc": 0.5, "worst_of_n": 0.25, "scans": 4, "strongest": "apgd-ce"},
+           "defense": {"mode": "always", "draws": 1, "t_min": 100, "t_max": 150}, "split": "val", "seconds": 60}
+    f = tmp_path / "suite-a.json"
+    f.write_text(json.dumps(rep))
+    out = tmp_path / "out"
+    assert main([f"central={f}", "--out", str(out)]) == 0
+    saved = json.loads((out / "suite.json").read_text())
+    assert saved["runs"]["central"]["worst_case"]["robust_acc"] == 0.5
+    md = (out / "suite.md").read_text()
+    assert "50.00 % (25.00 %) [4]" in md and "always, 1 draw(s)" in md
+    assert main([f"x={tmp_path / 'missing.json'}", "--out", str(out)]) == 2
+    assert main(["no-label", "--out", str(out)]) == 2
