@@ -137,6 +137,12 @@ def bench_config(pipe, traffic: Traffic, cfg: PreprocessConfig, *, batch: int, a
     """Time one configuration; warm-up batches are reported apart and excluded from the steady state."""
     if attacked_fraction > 0 and traffic.attacked is None:
         raise ValueError(f"{traffic.path} holds no attacked scans")
+    base, _, d = mode.partition(":")  # "always:3": every scan purified three times, probabilities averaged
+    draws = int(d) if d else 1
+
+    def seeds(it: int, n: int) -> np.ndarray:
+        return (seed + it) * 100_000 + np.arange(n * draws, dtype=np.int64).reshape(n, draws)
+
     rng = np.random.default_rng(seed)
     n = len(traffic)
     order = rng.permutation(n)
@@ -158,7 +164,7 @@ def bench_config(pipe, traffic: Traffic, cfg: PreprocessConfig, *, batch: int, a
         x = np.where(is_attacked[idx][:, None, None], traffic.attacked[idx] if traffic.attacked is not None else 0.0,
                      traffic.clean[idx])[:, None].astype(np.float32)
         t1 = clock()
-        res = pipe.run(x, seed=seed + it, mode=mode)
+        res = pipe.run(x, seed=seeds(it, len(idx)), mode=base)
         total = t_pre + (clock() - t1)
         return {"total": total, "preprocess": t_pre, **res["timings"], "flagged": int(res["flagged"].sum()),
                 "attacked": int(is_attacked[idx].sum())}
@@ -199,8 +205,9 @@ def run_bench(bundle_dir: str, traffic_path: str, *, engine: str = "ort", device
 
     fractions = {t: parse_traffic(t) for t in traffics}
     for m in modes:
-        if m not in Pipeline.MODES:
-            raise ValueError(f"unknown mode {m!r}; choose from {Pipeline.MODES}")
+        base, _, draws = m.partition(":")
+        if base not in Pipeline.MODES or (draws and not (draws.isdigit() and 1 <= int(draws) <= 16)):
+            raise ValueError(f"unknown mode {m!r}; choose from {Pipeline.MODES}, optionally MODE:DRAWS (1..16)")
     if any(b < 1 for b in batch_sizes) or (iters < 1 and seconds <= 0) or warmup < 0:
         raise ValueError("batch sizes and --iters must be >= 1 (or --seconds > 0), --warmup >= 0")
     traffic = Traffic(traffic_path)

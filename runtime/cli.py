@@ -627,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-sizes", default="1,8,32", help="comma-separated")
     b.add_argument("--traffic", default="clean", help="comma-separated: clean, attacked, mix:F")
     b.add_argument("--mode", default="adaptive", help="comma-separated: adaptive (the defense), always (purify "
-                   "every scan), classify (classifier only)")
+                   "every scan), classify (classifier only); MODE:D averages D purifications, e.g. always:3")
     g = b.add_mutually_exclusive_group()
     g.add_argument("--iters", type=int, default=30, help="steady-state batches per configuration")
     g.add_argument("--seconds", type=float, default=0.0, help="steady-state seconds per configuration instead")

@@ -70,6 +70,30 @@ def test_warmup_is_excluded_from_the_steady_state():
     assert r0["latency_ms"]["p99"] > 500.0  # without warm-up the slow first batch is in the steady state
 
 
+class _RecordingPipe:
+    def __init__(self):
+        self.calls = []
+
+    def run(self, x, seed=0, mode="adaptive"):
+        self.calls.append((np.asarray(seed), mode))
+        n = len(x)
+        return {"flagged": np.ones(n, bool), "timings": {"ood": 0.0, "detect": 0.0, "purify": 0.0, "classify": 0.0}}
+
+
+def test_a_mode_with_draws_gives_each_scan_that_many_distinct_seeds():
+    from runtime.bench import run_bench
+    from runtime.preprocess import PreprocessConfig
+
+    pipe = _RecordingPipe()
+    r = bench_config(pipe, _FakeTraffic(), PreprocessConfig(size=16), batch=4, attacked_fraction=0.0,
+                     mode="always:3", iters=2, warmup=1)
+    seeds, mode = pipe.calls[-1]
+    assert mode == "always" and seeds.shape == (4, 3) and len(np.unique(np.concatenate([c[0].ravel() for c in pipe.calls]))) == 36
+    assert r["mode"] == "always:3"
+    with pytest.raises(ValueError, match="MODE:DRAWS"):
+        run_bench("no-bundle", "no-traffic", modes=("always:0",))
+
+
 @pytest.mark.slow
 def test_bench_on_the_tiny_bundle(tiny_run, tiny_bundle, tmp_path):
     import time
