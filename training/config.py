@@ -451,9 +451,6 @@ def _edge() -> Profile:
             base_channels=16, channel_mults=(1, 2, 4, 4), time_dim=64, t_max_train=300, train_crop=64,
             optim=OptimConfig(epochs=20, batch_size=32, lr=2e-3, weight_decay=0.0, warmup_epochs=1),
         ),
-        # chosen on Br35H validation scans against the attack suite: every scan purified, three draws averaged
-        # (benchmarks/results/robustness-suite/README.md); --defense mode=adaptive,draws=1 for the cheaper rule
-        defense=DefenseConfig(mode="always", draws=3),
     )
 
 
