@@ -179,19 +179,10 @@ def test_balanced_order_interleaves_classes():
 
 
 @pytest.mark.slow
-def test_suite_on_a_tiny_run_writes_a_complete_report(tmp_path):
-    from training.data.datasets import load_dataset
+def test_suite_on_a_tiny_run_writes_a_complete_report(tiny_run):
     from training.evaluate import suite_run
-    from training.train import train_component
 
-    p = C.get_profile("tiny")
-    data = load_dataset("synth:80", p.preprocess)
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.toml").write_text(C.dump_toml(p))
-    (run / "data.txt").write_text(f"source = synth:80\nsplit_digest = {data.digest}\n")
-    for comp in C.COMPONENTS:
-        train_component(comp, p, data, run, epochs=1, progress=False, log=lambda *_: None)
+    run = tiny_run
     cfg = SuiteConfig(long_steps=3, restarts=1, apgd_steps=2, eot=1, adaptive_steps=2, adaptive_eot=1, draws=2)
     r = suite_run(run, cfg, max_scans=6, cheap_max=10, log=lambda *_: None)
     saved = json.loads((run / "reports" / "suite.json").read_text())

@@ -103,6 +103,13 @@ def _purified(pipe: DefensePipeline, x: torch.Tensor, t_star: torch.Tensor, step
     return x + (purified - x).detach()
 
 
+def flag_probability(pipe: DefensePipeline, s: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Smoothed flag decision ``[N]`` for scores ``s``: 1 where the defense purifies every scan."""
+    if pipe.cfg.mode == "always":
+        return torch.ones_like(s)
+    return torch.sigmoid((s - pipe.tau) / (temperature * pipe.tau))
+
+
 def surrogate_loss(pipe: DefensePipeline, x: torch.Tensor, y: torch.Tensor, cfg: AdaptiveConfig,
                    generator: torch.Generator | None) -> torch.Tensor:
     """Per-scan surrogate of the pipeline's loss (see the module docstring)."""
@@ -111,8 +118,7 @@ def surrogate_loss(pipe: DefensePipeline, x: torch.Tensor, y: torch.Tensor, cfg:
     direct = F.cross_entropy(pipe.classifier(x), y, reduction="none")
     if cfg.objective == "under_tau":
         return direct - cfg.detector_weight * F.relu(s - cfg.tau_margin * tau) / tau
-    always = getattr(pipe.cfg, "mode", "adaptive") == "always"
-    p = torch.ones_like(s) if always else torch.sigmoid((s - tau) / (cfg.temperature * tau))
+    p = flag_probability(pipe, s, cfg.temperature)
     t_star = t_star_of(s.detach().clamp_min(tau), tau, pipe.cfg)
     purified = 0.0
     for _ in range(cfg.eot):

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.attacks.adaptive import AdaptiveConfig, adaptive_pgd
+from training.attacks.adaptive import AdaptiveConfig, adaptive_pgd, flag_probability
 from training.attacks.pgd import PAPER_L2, PAPER_LINF, pgd
 from training.config import AttackConfig
 from training.defense import DefensePipeline, t_star_of
@@ -129,10 +129,7 @@ class PipelineModel(nn.Module):
         pipe = self.pipe
         s = pipe.score(x)
         tau = pipe.tau
-        if pipe.cfg.mode == "always":
-            p = torch.ones_like(s)
-        else:
-            p = torch.sigmoid((s - tau) / (self.temperature * tau))
+        p = flag_probability(pipe, s, self.temperature)
         t_star = t_star_of(s.detach().clamp_min(tau), tau, pipe.cfg)
         every = torch.ones(len(x), dtype=torch.bool, device=x.device)
         xp = pipe.purify_flagged(x, every, t_star, self.generator, steps=self.purify_steps)
