@@ -272,7 +272,7 @@ def render_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _svg_lines(series: list[tuple[str, list[float], list[float]]], xlabel: str, ylabel: str, w=520, h=300,
+def svg_lines(series: list[tuple[str, list[float], list[float]]], xlabel: str, ylabel: str, w=520, h=300,
                logx=False) -> str:
     colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
     xs = [x for _, sx, _ in series for x in sx]
@@ -310,7 +310,7 @@ def _svg_lines(series: list[tuple[str, list[float], list[float]]], xlabel: str, 
     return "\n".join(out)
 
 
-def _svg_stage_bars(configs: list[dict], w=620) -> str:
+def svg_stage_bars(configs: list[dict], w=620) -> str:
     colors = {"preprocess": "#8c564b", "ood": "#9467bd", "detect": "#1f77b4", "purify": "#d62728", "classify": "#2ca02c"}
     rows = [(f"{c['traffic']} {c['mode']} b{c['batch_size']}", [c["stage_ms"][s]["mean"] / c["batch_size"] for s in STAGES])
             for c in configs]
@@ -330,12 +330,18 @@ def _svg_stage_bars(configs: list[dict], w=620) -> str:
     return "\n".join(out)
 
 
-def render_html(r: dict) -> str:
+def latency_cdf(r: dict) -> list[tuple[str, list[float], list[float]]]:
+    """Per configuration of report ``r``: (name, ms per scan sorted, cumulative fraction of batches)."""
     cdf = []
     for c in r["configs"]:
         v = np.sort(np.asarray(c["samples_ms"]))
         cdf.append((f"{c['traffic']} {c['mode']} b{c['batch_size']}", list(v / c["batch_size"]),
                     list(np.arange(1, len(v) + 1) / len(v))))
+    return cdf
+
+
+def render_html(r: dict) -> str:
+    cdf = latency_cdf(r)
     thr = {}
     for c in r["configs"]:
         thr.setdefault(f"{c['traffic']} {c['mode']}", []).append((c["batch_size"], c["throughput_scans_per_s"]))
@@ -346,9 +352,9 @@ def render_html(r: dict) -> str:
         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}pre{background:#f6f6f6;padding:1em;"
         "overflow-x:auto}</style></head><body>"
         f"<h1>Benchmark: {html.escape(r['bundle'])} on {html.escape(r['engine'])}</h1>"
-        "<h2>Latency CDF (ms per scan, steady state)</h2>" + _svg_lines(cdf, "ms per scan", "fraction of batches", logx=True)
-        + "<h2>Throughput against batch size</h2>" + _svg_lines(thr_series, "batch size", "scans / s")
-        + "<h2>Where the time goes</h2>" + _svg_stage_bars(r["configs"])
+        "<h2>Latency CDF (ms per scan, steady state)</h2>" + svg_lines(cdf, "ms per scan", "fraction of batches", logx=True)
+        + "<h2>Throughput against batch size</h2>" + svg_lines(thr_series, "batch size", "scans / s")
+        + "<h2>Where the time goes</h2>" + svg_stage_bars(r["configs"])
         + f"<h2>Table</h2><pre>{md}</pre><h2>Environment</h2><pre>{html.escape(json.dumps(r['environment'], indent=1))}</pre>"
         "</body></html>\n")
 

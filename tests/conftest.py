@@ -5,6 +5,7 @@ import tempfile
 
 import pytest
 
+from tests.envs import clean_env
 from training import config as C
 
 # Keys (the export's signing key, the runtime's trusted keys) live in a home of the test session's own,
@@ -39,3 +40,31 @@ def tiny_bundle(tiny_run, tmp_path_factory):
     pub = signing.default_signing_key().with_suffix(".pub")
     (trusted / "export.pub").write_bytes(pub.read_bytes())
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory):
+    """``make demo``'s whole job on the tiny profile: run, bundle, held-out files, records, bench, report.html."""
+    from training.demo import run_demo
+
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert run_demo(out, profile="tiny", n=120) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def slim_env(tmp_path_factory):
+    """A fresh virtual environment with ``pip install .`` (the runtime's own dependencies only), made with the
+    README's two commands (``python3 -m venv DIR``, ``DIR/bin/pip install .``)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env_dir = tmp_path_factory.mktemp("slim") / "scanner-venv"
+    env = clean_env()
+    subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True, timeout=300, env=env)
+    res = subprocess.run([str(env_dir / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check", "."],
+                         cwd=root, capture_output=True, text=True, timeout=900, env=env)
+    assert res.returncode == 0, f"pip install . failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return env_dir

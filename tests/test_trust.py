@@ -35,7 +35,7 @@ def _scans(tmp_path: Path, n: int = 6) -> Path:
     from training.data.phantom import write_dataset
 
     d = tmp_path / "scans"
-    write_dataset(d, n, size=64, seed=3, progress=False)
+    write_dataset(d, n, size=64, seed=3, profiles=("A", "B", "C", "D"), progress=False)  # as the tiny run trained
     (d / "phantoms.csv").unlink()
     return d
 
@@ -156,9 +156,9 @@ def test_a_symlink_in_place_of_a_model_file_is_refused(tiny_bundle, tmp_path):
 
 
 def _flag_everything(tiny_bundle: Path, tmp_path: Path) -> Path:
-    """A copy whose tau flags every scan (so purification noise matters), signed by the trusted key."""
+    """A copy that purifies every scan (so purification noise matters), signed by the trusted key."""
     b = _copy(tiny_bundle, tmp_path, "flag-all")
-    _edit(b, lambda m: m["detector"].update(tau=0.0))
+    _edit(b, lambda m: m["purification"].update(mode="always"))
     return b
 
 

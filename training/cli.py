@@ -259,6 +259,14 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_html(args) -> int:
+    from training.html_report import write_html_report
+
+    out = write_html_report(args.run, bench=args.bench, infer=args.infer, out=args.out, grid=not args.no_grid)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from training.demo import run_demo
 
@@ -381,6 +389,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("runs", nargs="+", help="federated run folders")
     pl.add_argument("--out", required=True, help="PNG file")
     pl.set_defaults(func=cmd_plot)
+
+    h = sub.add_parser("html", help="one self-contained HTML page for a run (RUN/report.html)")
+    h.add_argument("--run", required=True, help="run folder")
+    h.add_argument("--bench", help="a runtime bench report folder (or its bench.json) to include")
+    h.add_argument("--infer", help="a JSON summary of runtime infer on held-out files (the demo writes one)")
+    h.add_argument("--out", help="HTML file (default RUN/report.html)")
+    h.add_argument("--no-grid", action="store_true", help="leave out the purification grid")
+    h.set_defaults(func=cmd_html)
 
     from training.federated import certs, deploy
 

@@ -477,7 +477,7 @@ def _demo(tiny: Profile) -> Profile:
         preprocess=PreprocessConfig(size=48),
         classifier=replace(tiny.classifier, optim=replace(tiny.classifier.optim, lr=3e-3)),
         federated=replace(tiny.federated, method="medfedpure", sites=4, partition="profile", rounds=8, local_epochs=4,
-                          defense_rounds=2, defense_local_epochs=2, eval_max=32,
+                          defense_rounds=2, defense_local_epochs=2, eval_max=0,
                           train_attack=AttackConfig(steps=3, step=0.006), eval_attack=AttackConfig()),
     )
 

@@ -334,16 +334,74 @@ def load_folder(
     return Dataset(root.name, class_names, _split_arrays(records, images, sizes, ok), digest, skipped)
 
 
-def load_synthetic(n: int, cfg: PreprocessConfig, seed: int = 0, profiles=("A", "B", "C", "D")) -> Dataset:
-    """The embedded default: ``n`` phantoms (half with a tumor), spread over scanner ``profiles``, split 70/10/20."""
-    per = [n // len(profiles) + (i < n % len(profiles)) for i in range(len(profiles))]
-    xs, ys, ps = [], [], []
-    for i, (prof, k) in enumerate(zip(profiles, per)):
-        x, y = phantom.generate(k, size=cfg.size, seed=seed * 1000 + i, profile=prof)
-        xs.append(x)
-        ys.append(y)
-        ps.append(np.full(k, i))
-    images, labels, profs = np.concatenate(xs), np.concatenate(ys), np.concatenate(ps)
+def synthetic_render_size(size: int) -> int:
+    """Side of the phantoms as 'acquired' (the files a scanner would write) for models that see ``size``."""
+    return 2 * size
+
+
+def _synthetic_blocks(n: int, profiles) -> list[int]:
+    return [n // len(profiles) + (i < n % len(profiles)) for i in range(len(profiles))]
+
+
+def synthetic_originals(n: int, size: int, indices, seed: int = 0,
+                        profiles=("A", "B", "C", "D")) -> tuple[list[np.ndarray], np.ndarray]:
+    """Phantoms ``indices`` of ``synth:n`` as acquired (``synthetic_render_size(size)`` pixels, before the
+    preprocessing every scan gets) and their labels: what the files of those scans hold."""
+    per = _synthetic_blocks(n, profiles)
+    starts = np.cumsum([0, *per])
+    side = synthetic_render_size(size)
+    images, labels = [], []
+    for i in np.asarray(indices, dtype=np.int64):
+        b = int(np.searchsorted(starts, i, side="right") - 1)
+        j = int(i - starts[b])
+        block_seed = seed * 1000 + b
+        y = int(phantom.make_labels(per[b], block_seed)[j])
+        images.append(phantom.make_phantom(phantom.image_rng(block_seed, j), side, bool(y),
+                                           phantom.as_profile(profiles[b])))
+        labels.append(y)
+    return images, np.asarray(labels, dtype=np.int64)
+
+
+def _synthetic_images(n: int, cfg: PreprocessConfig, seed: int, profiles: tuple, cache: bool) -> np.ndarray:
+    """The rendered and preprocessed phantoms ``[n, S, S]``, in generation order; cached like a folder's scans
+    (every process of a simulated federation reads them instead of rendering them again)."""
+    cache_dir = _private_cache_dir() if cache and not cache_disabled() else None
+    if cache_dir is not None:
+        h = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "synth": n, "seed": seed, "profiles": list(profiles),
+                                       "preprocess": asdict(cfg)}, sort_keys=True).encode())
+        for m in (phantom, runtime.preprocess):
+            h.update(hashlib.sha256(Path(m.__file__).read_bytes()).digest())
+        h.update(hashlib.sha256(Path(__file__).read_bytes()).digest())
+        key = h.hexdigest()
+        cache_file = cache_dir / f"synth-{n}-{key[:32]}.npz"
+        hit = _cache_read(cache_file, key, n, cfg.size)
+        if hit is not None:
+            return hit[0]
+    side = synthetic_render_size(cfg.size)
+    images = np.empty((n, cfg.size, cfg.size), np.float32)
+    start = 0
+    for i, (prof, k) in enumerate(zip(profiles, _synthetic_blocks(n, profiles))):
+        x, _ = phantom.generate(k, size=side, seed=seed * 1000 + i, profile=prof)
+        for j, img in enumerate(x):
+            images[start + j] = preprocess(img, cfg)
+        start += k
+    if cache_dir is not None:
+        _cache_write(cache_file, key, images, np.zeros((n, 2), np.int64), np.ones(n, bool), [])
+    return images
+
+
+def load_synthetic(n: int, cfg: PreprocessConfig, seed: int = 0, profiles=("A", "B", "C", "D"),
+                   cache: bool = True) -> Dataset:
+    """The embedded default: ``n`` phantoms (half with a tumor), spread over scanner ``profiles``, split 70/10/20.
+
+    Each phantom is rendered at :func:`synthetic_render_size` and then goes through the same
+    :func:`preprocess` as a scan file does, so a model trained on them reads phantom files written to disk
+    (``synthetic_originals``) exactly as it read its training scans.
+    """
+    per = _synthetic_blocks(n, profiles)
+    labels = np.concatenate([phantom.make_labels(k, seed * 1000 + i) for i, k in enumerate(per)])
+    profs = np.concatenate([np.full(k, i) for i, k in enumerate(per)])
+    images = _synthetic_images(n, cfg, seed, tuple(profiles), cache)
     order = np.random.default_rng(seed).permutation(n)
     cut = [int(0.7 * n), int(0.8 * n)]
     names = np.array(SPLITS)[np.searchsorted(cut, np.arange(n), side="right")]
@@ -357,8 +415,8 @@ def load_synthetic(n: int, cfg: PreprocessConfig, seed: int = 0, profiles=("A", 
 
 def load_dataset(source: str, cfg: PreprocessConfig, *, seed: int = 0, skip_bad: bool = False, cache: bool = True,
                  progress: bool = True) -> Dataset:
-    """``synth`` / ``synth:N`` (never cached) or a folder path; ``cache=False``: no preprocessing cache."""
+    """``synth`` / ``synth:N`` or a folder path; ``cache=False``: no preprocessing cache."""
     if source == "synth" or source.startswith("synth:"):
         n = int(source.split(":", 1)[1]) if ":" in source else 600
-        return load_synthetic(n, cfg, seed)
+        return load_synthetic(n, cfg, seed, cache=cache)
     return load_folder(source, cfg, seed=seed, skip_bad=skip_bad, cache=cache, progress=progress)

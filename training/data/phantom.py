@@ -427,7 +427,7 @@ def acquire(rng: np.random.Generator, img: np.ndarray, profile: ScannerProfile) 
     return x if profile.contrast == 1.0 else x**profile.contrast
 
 
-def _as_profile(profile: str | ScannerProfile) -> ScannerProfile:
+def as_profile(profile: str | ScannerProfile) -> ScannerProfile:
     """Look a profile up by name (or pass one through)."""
     if isinstance(profile, ScannerProfile):
         return profile
@@ -493,7 +493,7 @@ def generate(
     Image i is ``make_phantom(image_rng(seed, i), size, labels[i], profile)``:
     it does not depend on n (given its label).
     """
-    prof = _as_profile(profile)
+    prof = as_profile(profile)
     labels = make_labels(n, seed, tumor_fraction)
     images = np.empty((n, size, size), dtype=np.float32)
     for i in range(n):
@@ -530,7 +530,7 @@ def write_dataset(
     sizes = [len(c) for c in np.array_split(np.arange(n), len(profiles))]
     jobs = []  # (profile name, profile seed, index, label)
     for k, (name, n_k) in enumerate(zip(profiles, sizes)):
-        _as_profile(name)
+        as_profile(name)
         s_k = profile_seed(seed, k)
         jobs += [(name, s_k, i, int(lab)) for i, lab in enumerate(make_labels(n_k, s_k))]
 
@@ -542,7 +542,7 @@ def write_dataset(
     rows = []
     counts = {"no": 0, "yes": 0, "total": 0, "per_profile": dict.fromkeys(profiles, 0)}
     for name, s_k, i, lab in it:
-        img = make_phantom(image_rng(s_k, i), size, bool(lab), _as_profile(name))
+        img = make_phantom(image_rng(s_k, i), size, bool(lab), as_profile(name))
         rel = f"{CLASS_NAMES[lab]}/{name}_{i:06d}.png"
         if not cv2.imwrite(str(out / rel), np.round(img * 255.0).astype(np.uint8)):
             raise OSError(f"could not write {out / rel}")

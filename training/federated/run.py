@@ -66,7 +66,8 @@ def run_federated(profile: cfgmod.Profile, data_source: str, out: str | Path, *,
     out = prepare_run(profile, data_source, out, resume=resume, log=log)
     fed = profile.federated
     server_log = partial(print, flush=True)
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.setLevel(max(logging.WARNING, flwr_log.level))  # a caller may have asked for less (the demo)
     if backend == "inprocess":
         from training.federated.inprocess import InProcessGrid
 
