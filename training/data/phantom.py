@@ -210,14 +210,14 @@ def _anatomy_params(rng: np.random.Generator) -> dict:
 def _lesion_params(rng: np.random.Generator) -> dict:
     """Lesion geometry and contrast, drawn for every image (used only for tumors)."""
     q: dict = {}
-    q["diam"] = _u(rng, 0.14, 0.32)  # fraction of the brain diameter
+    q["diam"] = _u(rng, 0.2, 0.34)  # fraction of the brain diameter
     q["pos_r"] = math.sqrt(_u(rng, 0.0, 1.0))
     q["pos_t"] = _u(rng, 0.0, 2.0 * math.pi)
     q["aspect"] = _u(rng, 0.65, 1.0)
     q["angle"] = _u(rng, 0.0, math.pi)
     q["shape"] = _harmonics(rng, range(2, 7), _u(rng, 0.15, 0.45))
     q["sign"] = 1.0 if rng.uniform() < 0.5 else -1.0
-    q["strength"] = _u(rng, 0.22, 0.45)
+    q["strength"] = _u(rng, 0.3, 0.5)
     q["texture"] = _u(rng, 0.0, 0.06)
     q["edema"] = bool(rng.uniform() < 0.45)
     q["edema_size"] = _u(rng, 1.4, 2.2)
