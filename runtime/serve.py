@@ -13,6 +13,9 @@
   127.0.0.1 unless ``--http-host`` says otherwise): ``/healthz`` (alive), ``/readyz`` (bundle verified and
   loaded, engine warmed, not stopping), ``/metrics`` (Prometheus text, prometheus-client), ``POST /v1/infer``
   (one image file as the body; returns its record).
+* **Results back** (``--forward AE@host:port``): a DICOM Structured Report per instance (highdicom) with the
+  finding, its probability, the flag and the model's identity, sent by C-STORE; reports wait in an outbox
+  folder until acknowledged and every attempt is logged (``runtime.forward``).
 * **Records** are appended to ``--out`` one whole line per ``write()`` and fsync'd; at start a torn last
   line (a crash mid-write) is cut, and the SOP Instance UIDs already recorded are known, so an instance sent
   again after a restart is acknowledged without a second record.
@@ -90,6 +93,7 @@ class Job:
     t0: float = field(default_factory=time.perf_counter)
     done: threading.Event = field(default_factory=threading.Event)
     record: dict | None = None
+    header: object | None = None  # the DICOM header (for the Structured Report sent on)
 
 
 class Metrics:
@@ -106,11 +110,19 @@ class Metrics:
         self.latency = Histogram("medfedpure_latency_seconds", "Seconds per stage (total: receipt to record)",
                                  ["stage"], buckets=buckets, registry=r)
         self.ready = Gauge("medfedpure_ready", "1 when the bundle is loaded and the engine warmed", registry=r)
+        self.forwarded = Counter("medfedpure_forwarded", "Structured Reports sent on (or attempts that failed)",
+                                 ["outcome"], registry=r)
 
     def text(self) -> bytes:
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry)
+
+
+def sha256(path: Path) -> str:
+    from runtime.bundle import sha256 as file_sha
+
+    return file_sha(path)
 
 
 class Service:
@@ -129,6 +141,14 @@ class Service:
         self.spool = Path(args.spool or tempfile.mkdtemp(prefix="medfedpure-spool-"))
         self.spool.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.infer = Inference(args)
+        self.model_id = "sha256:" + sha256(self.infer.bundle.path / "manifest.json")
+        self.forwarder = None
+        if args.forward:
+            from runtime.forward import Forwarder
+
+            out = Path(args.out)
+            self.forwarder = Forwarder(args.forward, out.with_name(out.name + ".outbox"),
+                                       out.with_name(out.name + ".forward.jsonl"), args.ae_title, self.metrics)
         self._warm_up()
         self.worker = threading.Thread(target=self._work, name="classify", daemon=True)
         self.worker.start()
@@ -208,8 +228,20 @@ class Service:
         if not self.args.keep:
             rec["file"] = None  # the spooled copy is deleted; the instance is named by its UIDs
         outcome = "failed" if rec.get("error") else "refused" if rec.get("refused") else "diagnosed"
+        if self.forwarder is not None and job.header is not None:
+            from runtime.forward import result_sr
+
+            try:
+                sr = result_sr(job.header, rec, self.model_id)
+                rec["sr_sop_instance_uid"] = str(sr.SOPInstanceUID)
+            except Exception as err:  # noqa: BLE001 - the diagnosis stands; say why no report was made
+                sr, rec["sr_error"] = None, f"no Structured Report: {err}"
+        else:
+            sr = None
         if not self.journal.append(rec):
             outcome = "duplicate"
+        elif sr is not None:
+            self.forwarder.put(sr)
         m = self.metrics
         m.instances.labels(outcome).inc()
         if rec.get("flagged"):
@@ -230,6 +262,8 @@ class Service:
                 self.idle.wait(0.5)
 
     def close(self) -> None:
+        if self.forwarder is not None:
+            self.forwarder.close()
         self.journal.close()
 
 
@@ -268,7 +302,12 @@ def make_store_handler(service: Service):
             service.journal.append({"key": uid, **job.meta, "error": f"unreadable dataset: {err}"})
             service.metrics.instances.labels("failed").inc()
             return STATUS_CANNOT_READ
-        rec = service.submit(Job(uid, Path(name), meta))
+        header = None
+        if service.forwarder is not None:
+            from pydicom import dcmread
+
+            header = dcmread(name, stop_before_pixels=True)
+        rec = service.submit(Job(uid, Path(name), meta, header=header))
         if rec is None:
             Path(name).unlink(missing_ok=True)
             service.metrics.instances.labels("busy").inc()
@@ -425,6 +464,8 @@ def add_parser(sub, trust) -> None:
     s.add_argument("--keep", action="store_true", help="keep the received files (in --spool)")
     s.add_argument("--spool", help="folder for received files (default: a private temporary folder)")
     s.add_argument("--secret", help="the site secret file (default: BUNDLE.secret beside the bundle folder)")
+    s.add_argument("--forward", metavar="AE@HOST:PORT",
+                   help="send a DICOM Structured Report of each result there (C-STORE; retried until acknowledged)")
     s.add_argument("--tls-cert", help="PEM certificate for DICOM over TLS (with --tls-key)")
     s.add_argument("--tls-key", help="PEM private key of --tls-cert")
     s.add_argument("--tls-ca", help="PEM CA: require senders to present a certificate it signed")

@@ -48,7 +48,7 @@ def tiny_demo(tmp_path_factory):
     from training.demo import run_demo
 
     out = tmp_path_factory.mktemp("demo") / "run"
-    assert run_demo(out, profile="tiny", n=120) == 0
+    assert run_demo(out, profile="tiny", n=120, backend="inprocess") == 0
     return out
 
 

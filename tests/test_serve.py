@@ -194,3 +194,57 @@ def test_sigterm_with_work_in_flight_loses_and_duplicates_nothing(tiny_bundle, t
         assert srv.stop() == 0
     keys = [r["key"] for r in _records(out)]
     assert sorted(keys) == sorted(str(ds.SOPInstanceUID) for ds in sent)  # zero lost, zero duplicated
+
+
+def test_structured_reports_are_forwarded_and_retried_until_acknowledged(tiny_bundle, tmp_path):
+    import socket
+
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import ComprehensiveSRStorage
+
+    with socket.socket() as s:  # a port where, at first, nothing listens: the destination is down
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "results.jsonl"
+    srv = Server(tiny_bundle, out, "--forward", f"ARCHIVE@127.0.0.1:{port}")
+    received, got_two = [], threading.Event()
+
+    def on_store(event):
+        received.append(event.dataset)
+        if len(received) >= 2:
+            got_two.set()
+        return 0x0000
+
+    try:
+        sent = [_dataset(i, tmp_path, "ABCD"[i % 4]) for i in range(2)]
+        assert all(s in (0x0000, 0xC001) for s in _store(srv.dicom_port, sent))
+        log = Path(str(out) + ".forward.jsonl")
+        deadline = time.monotonic() + 60
+        while not (log.exists() and '"failed"' in log.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert '"failed"' in log.read_text()  # tried, failed, logged
+        assert len(list(Path(str(out) + ".outbox").glob("*.dcm"))) == 2  # and kept
+        ae = AE(ae_title="ARCHIVE")
+        ae.add_supported_context(ComprehensiveSRStorage)
+        dest = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        try:
+            assert got_two.wait(90), "the reports were not delivered once the destination came up"
+        finally:
+            dest.shutdown()
+    finally:
+        assert srv.stop() == 0, "".join(srv.lines)
+    recs = {r["key"]: r for r in _records(out)}
+    by_study = {str(d.SOPInstanceUID): d for d in sent}
+    for sr in received:
+        ref = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        rec = recs[str(ref.ReferencedSOPInstanceUID)]
+        assert rec["sr_sop_instance_uid"] == str(sr.SOPInstanceUID)
+        assert sr.StudyInstanceUID == by_study[rec["key"]].StudyInstanceUID
+        values = {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in sr.ContentSequence}
+        assert values["Model (sha256 of the signed bundle manifest)"].TextValue.startswith("sha256:")
+        if rec["prediction"] is not None:
+            assert values["Finding"].ConceptCodeSequence[0].CodeValue == rec["prediction"]
+            assert abs(values["Probability of the finding"].MeasuredValueSequence[0].NumericValue
+                       - rec["probability"]) < 1e-6
+    assert not list(Path(str(out) + ".outbox").glob("*.dcm"))
+    assert '"sent"' in Path(str(out) + ".forward.jsonl").read_text()

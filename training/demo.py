@@ -151,7 +151,8 @@ def _runtime(argv: list[str]) -> None:
         raise RuntimeError(f"`runtime {' '.join(argv)}` exited with status {rc}")
 
 
-def run_demo(out: str | Path, profile: str = "demo", n: int = 1200, resume: bool = False, site: int = 0) -> int:
+def run_demo(out: str | Path, profile: str = "demo", n: int = 1200, resume: bool = False, site: int = 0,
+             backend: str = "ray") -> int:
     from runtime import signing
     from training.federated.run import run_federated
 
@@ -162,7 +163,7 @@ def run_demo(out: str | Path, profile: str = "demo", n: int = 1200, resume: bool
     print(f"MedFedPure demo: {prof.federated.sites} simulated hospitals, {n} synthetic phantoms, profile {profile}; "
           f"outputs in {out}/")
     with phase("federated training"):
-        summary = run_federated(prof, f"synth:{n}", out, resume=resume, threads_per_site=1)
+        summary = run_federated(prof, f"synth:{n}", out, resume=resume, threads_per_site=1, backend=backend)
     bundle, pub = out / f"bundle-site-{site}", signing.default_signing_key().with_suffix(".pub")
     with phase("export"):
         from export.bundle import export_site
