@@ -248,3 +248,29 @@ def test_structured_reports_are_forwarded_and_retried_until_acknowledged(tiny_bu
                        - rec["probability"]) < 1e-6
     assert not list(Path(str(out) + ".outbox").glob("*.dcm"))
     assert '"sent"' in Path(str(out) + ".forward.jsonl").read_text()
+
+
+def test_dicom_over_tls_with_the_project_certificates(tiny_bundle, tmp_path):
+    import ssl
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from training.cli import main as training_main
+
+    assert training_main(["certs", "--out", str(tmp_path / "certs"), "--sites", "1", "--host", "localhost"]) == 0
+    tls = tmp_path / "certs" / "superlink"
+    srv = Server(tiny_bundle, tmp_path / "r.jsonl", "--tls-cert", str(tls / "server.crt"), "--tls-key",
+                 str(tls / "server.key"))
+    try:
+        ae = AE(ae_title="SCANNER1")
+        ae.add_requested_context(Verification)
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls / "ca.crt"))
+        assoc = ae.associate("127.0.0.1", srv.dicom_port, ae_title="MEDFEDPURE", tls_args=(ctx, "localhost"))
+        assert assoc.is_established and int(assoc.send_c_echo().Status) == 0
+        assoc.release()
+        plain = AE(ae_title="SCANNER1")
+        plain.add_requested_context(Verification)
+        assert not plain.associate("127.0.0.1", srv.dicom_port, ae_title="MEDFEDPURE").is_established
+    finally:
+        assert srv.stop() == 0, "".join(srv.lines)
