@@ -274,3 +274,51 @@ def test_dicom_over_tls_with_the_project_certificates(tiny_bundle, tmp_path):
         assert not plain.associate("127.0.0.1", srv.dicom_port, ae_title="MEDFEDPURE").is_established
     finally:
         assert srv.stop() == 0, "".join(srv.lines)
+
+
+def test_a_full_queue_answers_out_of_resources_and_loses_nothing(tiny_bundle, tmp_path):
+    """The worker is held (its reader waits on an event): the queue fills, the next instance is turned away."""
+    from types import SimpleNamespace
+
+    from runtime import signing
+    from runtime.serve import Job, Service
+
+    args = SimpleNamespace(bundle=str(tiny_bundle), trusted_key=[str(signing.default_signing_key().with_suffix(".pub"))],
+                           allow_unsigned=False, engine="ort", device="cpu", precision="fp32", threads=1, seed=None,
+                           draws=0, secret=None, out=str(tmp_path / "r.jsonl"), queue=2, batch_size=1, keep=False,
+                           spool=str(tmp_path / "spool"), forward=None, ae_title="MEDFEDPURE")
+    service = Service(args)
+    release, reading = threading.Event(), threading.Event()
+    real_read = service.infer.read
+
+    def held_read(path):
+        reading.set()
+        release.wait(60)
+        return real_read(path)
+
+    service.infer.read = held_read
+    files = []
+    for i in range(4):
+        f = tmp_path / f"IM{i}"
+        _dataset(i, tmp_path, "ABCD"[i % 4]).save_as(f)
+        files.append(f)
+    results: dict[int, dict | None] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, service.submit(Job(f"uid{i}", files[i], {}))))
+               for i in range(3)]
+    threads[0].start()
+    assert reading.wait(30)  # the worker holds job 0
+    threads[1].start()
+    threads[2].start()
+    deadline = time.monotonic() + 30
+    while service.jobs.qsize() < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert service.jobs.qsize() == 2  # jobs 1 and 2 wait: the queue is full
+    assert service.submit(Job("uid3", files[3], {})) is None  # turned away: 'out of resources'
+    release.set()
+    for t in threads:
+        t.join(60)
+    assert all(results[i] is not None and results[i]["key"] == f"uid{i}" for i in range(3))
+    service.drain()
+    service.close()
+    keys = [json.loads(line)["key"] for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert sorted(keys) == ["uid0", "uid1", "uid2"]
