@@ -137,7 +137,7 @@ def test_suite_measures_every_ratio_in_one_run(tiny_run, tiny_bundle, tmp_path):
     from benchmarks.suite import main
 
     assert main(["--run", str(tiny_run), "--bundle", str(tiny_bundle), "--out", str(tmp_path / "s"), "--n", "6",
-                 "--iters", "2", "--warmup", "1", "--blocks", "2", "--sweep-max", "4", "--traffic", str(tmp_path / "t.npz")]) == 0
+                 "--iters", "2", "--warmup", "1", "--blocks", "2", "--sweep-max", "16", "--traffic", str(tmp_path / "t.npz")]) == 0
     r = json.loads((tmp_path / "s" / "summary.json").read_text())
     for k in ("ort_speedup_clean", "ort_speedup_attacked", "clean_overhead_vs_classify", "respaced_1_cost_ratio",
               "respaced_10_gap_points"):

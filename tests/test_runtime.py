@@ -14,7 +14,7 @@ from runtime.bundle import Bundle, BundleError
 from runtime.cli import main
 from runtime.engines import EngineError, OrtEngine
 from runtime.pipeline import Pipeline, PurifyConfig
-from training.data.phantom import write_dataset
+from tests.scans import training_scan_files
 
 
 def _copy(bundle: Path, tmp_path: Path) -> Path:
@@ -69,9 +69,7 @@ def test_runtime_purification_matches_training(tiny_bundle):
 @pytest.fixture(scope="module")
 def scans(tmp_path_factory):
     d = tmp_path_factory.mktemp("scans")
-    write_dataset(d, 6, size=64, seed=3, profiles=("A", "B", "C", "D"), progress=False)  # as the tiny run trained
-    (d / "phantoms.csv").unlink()  # scans only (a non-image file in a folder gets a "skipped" record)
-    return d
+    return training_scan_files(d, 6)
 
 
 def test_infer_writes_one_reproducible_line_per_scan(tiny_bundle, scans, tmp_path):

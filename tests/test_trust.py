@@ -32,12 +32,9 @@ def _edit(b: Path, fn, resign: bool = True) -> None:
 
 
 def _scans(tmp_path: Path, n: int = 6) -> Path:
-    from training.data.phantom import write_dataset
+    from tests.scans import training_scan_files
 
-    d = tmp_path / "scans"
-    write_dataset(d, n, size=64, seed=3, profiles=("A", "B", "C", "D"), progress=False)  # as the tiny run trained
-    (d / "phantoms.csv").unlink()
-    return d
+    return training_scan_files(tmp_path / "scans", n)
 
 
 def _records(path: Path) -> list[dict]:
