@@ -17,6 +17,7 @@ Writes ``OUT/serve-load.json`` and ``OUT/serve-load.md``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 import signal
@@ -42,7 +43,7 @@ def _instances(scans: Path, n: int):
     base = [dcmread(f) for f in files]
     out = []
     for i in range(n):
-        ds = base[i % len(base)].copy()
+        ds = copy.deepcopy(base[i % len(base)])  # Dataset.copy() is shallow: the UIDs would be shared
         uid = generate_uid()
         ds.SOPInstanceUID = uid
         ds.file_meta.MediaStorageSOPInstanceUID = uid
@@ -143,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     datasets, files = _instances(Path(args.scans), args.n)
+    if len({str(d.SOPInstanceUID) for d in datasets}) != args.n:
+        raise SystemExit("the instances do not have distinct SOP Instance UIDs")
     ref = reference(args, files, out)
     print(f"runtime infer, batch 1: p50 {ref['p50_ms']:.1f} ms, p95 {ref['p95_ms']:.1f} ms per scan", flush=True)
 

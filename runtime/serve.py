@@ -71,14 +71,22 @@ class Journal:
 
     def append(self, rec: dict) -> bool:
         """Write ``rec`` (one ``write()`` of a whole line, then fsync); False if its key is already recorded."""
-        line = (json.dumps(rec, separators=(",", ":")) + "\n").encode()
+        return self.append_many([rec])[0]
+
+    def append_many(self, recs: list[dict]) -> list[bool]:
+        """Write the records whose keys are new, each line whole in one ``write()``, then one fsync for all."""
+        written = []
         with self.lock:
-            if rec["key"] in self.keys:
-                return False
-            os.write(self.fd, line)
-            os.fsync(self.fd)
-            self.keys.add(rec["key"])
-            return True
+            for rec in recs:
+                if rec["key"] in self.keys:
+                    written.append(False)
+                    continue
+                os.write(self.fd, (json.dumps(rec, separators=(",", ":")) + "\n").encode())
+                self.keys.add(rec["key"])
+                written.append(True)
+            if any(written):
+                os.fsync(self.fd)
+        return written
 
     def close(self) -> None:
         with self.lock:
@@ -207,41 +215,54 @@ class Service:
                     self.idle.notify_all()
 
     def _classify(self, batch: list[Job]) -> None:
-        ready, xs, shas, pre = [], [], [], []
+        ready, xs, shas, pre, done = [], [], [], [], []
         for job in batch:
             t = time.perf_counter()
             x, sha, rec = self.infer.read(job.path)
             if rec is not None:
-                job.record = self._finish(job, rec)
+                done.append((job, rec))
                 continue
             ready.append(job)
             xs.append(x)
             shas.append(sha)
             pre.append(1000.0 * (time.perf_counter() - t))
         if ready:
-            recs = self.infer.classify([j.path for j in ready], xs, shas, pre)
-            for job, rec in zip(ready, recs):
-                job.record = self._finish(job, rec)
+            done += zip(ready, self.infer.classify([j.path for j in ready], xs, shas, pre))
+        self._finish_many(done)
 
     def _finish(self, job: Job, rec: dict) -> dict:
-        rec = {"key": job.key, **job.meta, **rec, "received_ms": round(1000.0 * (time.perf_counter() - job.t0), 3)}
-        if not self.args.keep:
-            rec["file"] = None  # the spooled copy is deleted; the instance is named by its UIDs
-        outcome = "failed" if rec.get("error") else "refused" if rec.get("refused") else "diagnosed"
-        if self.forwarder is not None and job.header is not None:
-            from runtime.forward import result_sr
+        return self._finish_many([(job, rec)])[0]
 
-            try:
-                sr = result_sr(job.header, rec, self.model_id)
-                rec["sr_sop_instance_uid"] = str(sr.SOPInstanceUID)
-            except Exception as err:  # noqa: BLE001 - the diagnosis stands; say why no report was made
-                sr, rec["sr_error"] = None, f"no Structured Report: {err}"
-        else:
+    def _finish_many(self, done: list[tuple[Job, dict]]) -> list[dict]:
+        """Records of finished jobs: written together (one fsync), then forwarded and counted."""
+        recs, reports = [], []
+        for job, rec in done:
+            rec = {"key": job.key, **job.meta, **rec, "received_ms": round(1000.0 * (time.perf_counter() - job.t0), 3)}
+            if not self.args.keep:
+                rec["file"] = None  # the spooled copy is deleted; the instance is named by its UIDs
             sr = None
-        if not self.journal.append(rec):
+            if self.forwarder is not None and job.header is not None:
+                from runtime.forward import result_sr
+
+                try:
+                    sr = result_sr(job.header, rec, self.model_id)
+                    rec["sr_sop_instance_uid"] = str(sr.SOPInstanceUID)
+                except Exception as err:  # noqa: BLE001 - the diagnosis stands; say why no report was made
+                    rec["sr_error"] = f"no Structured Report: {err}"
+            recs.append(rec)
+            reports.append(sr)
+        written = self.journal.append_many(recs)
+        for (job, _), rec, sr, new in zip(done, recs, reports, written):
+            job.record = rec
+            self._count(job, rec, new)
+            if new and sr is not None:
+                self.forwarder.put(sr)
+        return recs
+
+    def _count(self, job: Job, rec: dict, new: bool) -> None:
+        outcome = "failed" if rec.get("error") else "refused" if rec.get("refused") else "diagnosed"
+        if not new:
             outcome = "duplicate"
-        elif sr is not None:
-            self.forwarder.put(sr)
         m = self.metrics
         m.instances.labels(outcome).inc()
         if rec.get("flagged"):
@@ -249,7 +270,6 @@ class Service:
         for stage, ms in (rec.get("ms") or {}).items():
             m.latency.labels(stage).observe(ms / 1000.0)
         m.latency.labels("total").observe(time.perf_counter() - job.t0)
-        return rec
 
     # ------------------------------------------------------------------ stop
     def drain(self, timeout: float = 300.0) -> None:
