@@ -146,8 +146,15 @@ def bench_section(bench: dict) -> str:
 
 
 def infer_section(infer: dict) -> str:
-    rows = [[html.escape(k), html.escape(str(v))] for k, v in infer.items() if not isinstance(v, (dict, list))]
-    return _table(["", ""], rows)
+    def fmt(k: str, v) -> str:
+        if k in ("accuracy", "sensitivity"):
+            return _pct(v)
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    rows = [[html.escape(k.replace("_", " ")), html.escape(fmt(k, v))] for k, v in infer.items()
+            if not isinstance(v, (dict, list))]
+    return ("<p class='note'>Accuracy counts a refused scan (no diagnosis) as not right.</p>"
+            + _table(["held-out files", "value"], rows))
 
 
 def render(run: Path, summary: dict | None, bench: dict | None, infer: dict | None, grid: str) -> str:
