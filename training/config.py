@@ -479,7 +479,7 @@ def _demo(tiny: Profile) -> Profile:
         # The recipe chosen on the sites' own validation scans (benchmarks/results/demo-recipe/README.md): each
         # site keeps its batch-norm statistics (its scanner's), more rounds of fewer local epochs, server momentum.
         federated=replace(tiny.federated, method="medfedpure", sites=4, partition="profile", rounds=16, local_epochs=2,
-                          defense_rounds=2, defense_local_epochs=2, eval_max=0, eval_every=4, fedbn=True,
+                          defense_rounds=2, defense_local_epochs=2, eval_max=0, eval_every=8, fedbn=True,
                           server_opt="fedavgm", server_momentum=0.5,
                           train_attack=AttackConfig(steps=3, step=0.006), eval_attack=AttackConfig()),
     )
