@@ -125,8 +125,8 @@ def reference(args, files: list[Path], out: Path) -> dict:
            "1", "--threads", str(args.threads), "--out", str(rec), "--quiet"] + sum(
         (["--trusted-key", k] for k in args.trusted_key or []), [])
     subprocess.run(cmd, check=True)
-    ms = [sum(json.loads(line)["ms"].values()) for line in rec.read_text().splitlines()
-          if json.loads(line).get("ms")]
+    recs = [json.loads(line) for line in rec.read_text().splitlines()]
+    ms = [sum(r["ms"].values()) for r in recs if r.get("ms")]
     return {"scans": len(ms), "p50_ms": _pct(ms, 50), "p95_ms": _pct(ms, 95)}
 
 

@@ -127,16 +127,11 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def sha256(path: Path) -> str:
-    from runtime.bundle import sha256 as file_sha
-
-    return file_sha(path)
-
-
 class Service:
     """The loaded bundle, the queue, the worker that classifies, the journal, the metrics."""
 
     def __init__(self, args):
+        from runtime.bundle import sha256
         from runtime.inference import Inference
 
         self.args = args
@@ -318,15 +313,12 @@ def make_store_handler(service: Service):
             with os.fdopen(fd, "wb") as fh:
                 fh.write(event.encoded_dataset())
         except Exception as err:  # noqa: BLE001 - a dataset pynetdicom cannot decode: refuse it, keep serving
-            job = Job(uid, Path("-"), {"sop_instance_uid": uid, "source": "dicom"})
-            service.journal.append({"key": uid, **job.meta, "error": f"unreadable dataset: {err}"})
+            service.journal.append({"key": uid, "sop_instance_uid": uid, "source": "dicom",
+                                    "error": f"unreadable dataset: {err}"})
             service.metrics.instances.labels("failed").inc()
             return STATUS_CANNOT_READ
-        header = None
-        if service.forwarder is not None:
-            from pydicom import dcmread
-
-            header = dcmread(name, stop_before_pixels=True)
+        # the header decoded once above serves the Structured Report too (no second read of the spooled file)
+        header = event.dataset if service.forwarder is not None else None
         rec = service.submit(Job(uid, Path(name), meta, header=header))
         if rec is None:
             Path(name).unlink(missing_ok=True)

@@ -156,7 +156,6 @@ def run_demo(out: str | Path, profile: str = "demo", n: int = 1200, resume: bool
     from runtime import signing
     from training.federated.run import run_federated
 
-    quiet_libraries()
     out = Path(out)
     prof = cfgmod.get_profile(profile)
     phase = Phases()

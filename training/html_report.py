@@ -109,9 +109,8 @@ def purification_grid(run: Path, site: int = 0, n: int = 6, seed: int = 0) -> st
     flagged, t_star = s.pipe.decide(scores)
     always = torch.where(flagged, t_star, torch.full_like(t_star, s.pipe.cfg.t_min))
     purified = s.pipe.purify_flagged(adv, torch.ones_like(flagged), always, g).detach()
-    names = test.class_names if hasattr(test, "class_names") else s.data.class_names
-    rows = {"clean": x, "attacked": adv, "purified": purified}
-    probs = {key: _predict(s.classifier, v) for key, v in rows.items()}
+    names = s.data.class_names
+    probs = {key: _predict(s.classifier, v) for key, v in (("clean", x), ("attacked", adv), ("purified", purified))}
     diff = (adv - x).abs()
     diff = diff / max(float(diff.max()), 1e-8)
     cells = []

@@ -349,13 +349,14 @@ def synthetic_originals(n: int, size: int, indices, seed: int = 0,
     preprocessing every scan gets) and their labels: what the files of those scans hold."""
     per = _synthetic_blocks(n, profiles)
     starts = np.cumsum([0, *per])
+    block_labels = [phantom.make_labels(k, seed * 1000 + b) for b, k in enumerate(per)]
     side = synthetic_render_size(size)
     images, labels = [], []
     for i in np.asarray(indices, dtype=np.int64):
         b = int(np.searchsorted(starts, i, side="right") - 1)
         j = int(i - starts[b])
         block_seed = seed * 1000 + b
-        y = int(phantom.make_labels(per[b], block_seed)[j])
+        y = int(block_labels[b][j])
         images.append(phantom.make_phantom(phantom.image_rng(block_seed, j), side, bool(y),
                                            phantom.as_profile(profiles[b])))
         labels.append(y)
