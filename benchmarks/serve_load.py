@@ -130,25 +130,8 @@ def reference(args, files: list[Path], out: Path) -> dict:
     return {"scans": len(ms), "p50_ms": _pct(ms, 50), "p95_ms": _pct(ms, 95)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.serve_load", description=__doc__.split("\n\n")[0])
-    p.add_argument("--bundle", required=True)
-    p.add_argument("--scans", required=True, help="folder with DICOM files (the demo's held-out scans)")
-    p.add_argument("--n", type=int, default=500)
-    p.add_argument("--associations", type=int, default=4)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--queue", type=int, default=32)
-    p.add_argument("--trusted-key", action="append")
-    p.add_argument("--out", required=True)
-    args = p.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    datasets, files = _instances(Path(args.scans), args.n)
-    if len({str(d.SOPInstanceUID) for d in datasets}) != args.n:
-        raise SystemExit("the instances do not have distinct SOP Instance UIDs")
-    ref = reference(args, files, out)
-    print(f"runtime infer, batch 1: p50 {ref['p50_ms']:.1f} ms, p95 {ref['p95_ms']:.1f} ms per scan", flush=True)
-
+def load_phase(args, datasets: list, out: Path, ref: dict) -> dict:
+    """Send every instance over ``args.associations`` associations to one service: answers, latency, records."""
     res_file = out / "load.jsonl"
     res_file.unlink(missing_ok=True)
     srv = Serve(args, res_file)
@@ -168,8 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load: {answered}/{args.n} answered, p50 {load['p50_ms']:.1f} / p95 {load['p95_ms']:.1f} / p99 "
           f"{load['p99_ms']:.1f} ms, {load['throughput_per_s']:.1f} instances/s; lost {load['lost']}, duplicated "
           f"{load['duplicated']}; p95 / infer batch-1 p95 = {load['p95_vs_infer_b1']:.2f}", flush=True)
+    return load
 
-    # SIGTERM a third of the way in, restart, resend what was not acknowledged
+
+def sigterm_phase(args, datasets: list, out: Path) -> dict:
+    """SIGTERM the service a third of the way in, restart it, resend what was not acknowledged: nothing may be lost
+    or recorded twice."""
     term_file = out / "sigterm.jsonl"
     term_file.unlink(missing_ok=True)
     srv = Serve(args, term_file)
@@ -196,7 +183,29 @@ def main(argv: list[str] | None = None) -> int:
             "duplicated": len(after) - len(set(after))}
     print(f"SIGTERM: exit {term['exit_status_at_sigterm']}, {term['acknowledged_before_stop']} acknowledged, "
           f"{term['resent']} resent after restart; lost {term['lost']}, duplicated {term['duplicated']}", flush=True)
-    report = {"bundle": args.bundle, "reference_infer_b1": ref, "load": load, "sigterm": term,
+    return term
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.serve_load", description=__doc__.split("\n\n")[0])
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--scans", required=True, help="folder with DICOM files (the demo's held-out scans)")
+    p.add_argument("--n", type=int, default=500)
+    p.add_argument("--associations", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--queue", type=int, default=32)
+    p.add_argument("--trusted-key", action="append")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    datasets, files = _instances(Path(args.scans), args.n)
+    if len({str(d.SOPInstanceUID) for d in datasets}) != args.n:
+        raise SystemExit("the instances do not have distinct SOP Instance UIDs")
+    ref = reference(args, files, out)
+    print(f"runtime infer, batch 1: p50 {ref['p50_ms']:.1f} ms, p95 {ref['p95_ms']:.1f} ms per scan", flush=True)
+    report = {"bundle": args.bundle, "reference_infer_b1": ref, "load": load_phase(args, datasets, out, ref),
+              "sigterm": sigterm_phase(args, datasets, out),
               "command": " ".join(["python -m benchmarks.serve_load", *(argv or sys.argv[1:])])}
     (out / "serve-load.json").write_text(json.dumps(report, indent=1))
     (out / "serve-load.md").write_text(render(report))

@@ -177,12 +177,17 @@ def bench_config(pipe, traffic: Traffic, cfg: PreprocessConfig, *, batch: int, a
         elapsed = clock() - t_start
         if (seconds > 0 and elapsed >= seconds) or (seconds <= 0 and len(steady) >= iters):
             break
-    wall = clock() - t_start
+    return _summary(steady, warm, clock() - t_start, batch=batch, attacked_fraction=attacked_fraction, mode=mode)
+
+
+def _summary(steady: list[dict], warm: list[dict], wall: float, *, batch: int, attacked_fraction: float,
+             mode: str) -> dict:
+    """One configuration's figures from its timed batches (the steady state) and its warm-up batches."""
     ms = {k: [1000.0 * r[k] for r in steady] for k in ("total", *STAGES)}
     scans = batch * len(steady)
     return {
         "batch_size": batch, "attacked_fraction": attacked_fraction, "mode": mode, "iterations": len(steady),
-        "warmup_iterations": warmup, "scans": scans,
+        "warmup_iterations": len(warm), "scans": scans,
         "latency_ms": percentiles(ms["total"]) | {"mean": float(np.mean(ms["total"]))},
         "latency_ms_per_scan": {k: v / batch for k, v in percentiles(ms["total"]).items()},
         "stage_ms": {k: percentiles(ms[k]) | {"mean": float(np.mean(ms[k]))} for k in STAGES},

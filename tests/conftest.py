@@ -16,13 +16,14 @@ os.environ["MEDFEDPURE_HOME"] = tempfile.mkdtemp(prefix="medfedpure-home-")
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     from training.data.datasets import load_dataset
+    from training.runs import write_data_record
     from training.train import train_component
 
     p = C.get_profile("tiny")
     data = load_dataset("synth:80", p.preprocess)
     run = tmp_path_factory.mktemp("run")
     (run / "config.toml").write_text(C.dump_toml(p))
-    (run / "data.txt").write_text(f"source = synth:80\nsplit_digest = {data.digest}\n")
+    write_data_record(run, "synth:80", data.digest)
     for comp in C.COMPONENTS:
         train_component(comp, p, data, run, epochs=1, progress=False, log=lambda *_: None)
     return run

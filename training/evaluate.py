@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -550,6 +550,60 @@ def _suite_scans(sites: list[Site], max_scans: int, split: str = "test") -> tupl
     return t.images[order], np.asarray(t.labels)[order], np.arange(len(order)) % len(sites)
 
 
+@dataclass
+class _SuiteScans:
+    """The suite's scans and how to attack them: each site's system answers for the scans dealt to it."""
+
+    sites: list
+    cfg: object
+    images: np.ndarray
+    labels: np.ndarray
+    owner: np.ndarray
+    seed: int
+    batch_size: int
+
+    def craft_all(self, name: str, k: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        from training.attacks.suite import craft
+
+        site = self.sites[k]
+        other = self.sites[(k + 1) % len(self.sites)].classifier if len(self.sites) > 1 else None
+        parts, b = [], self.batch_size
+        for i in range(0, len(x), b):
+            a = craft(name, self.cfg, site.pipe, site.classifier, x[i : i + b], y[i : i + b],
+                      self.seed + 1000 * site.site + i, other)
+            if a is None:
+                return None
+            parts.append(a)
+        adv = torch.cat(parts)
+        _check_budget(name, self.cfg, adv, x)
+        return adv
+
+    def run(self, name: str | None, n: int) -> tuple[dict, np.ndarray, np.ndarray] | None:
+        """Attack ``name`` (None: clean) on the first ``n`` scans: (summary, correct [n, draws], flagged [n]),
+        or None when the attack does not apply to this run."""
+        from training.attacks.suite import outcomes, summarise
+
+        draws = 1 if self.sites[0].pipe is None else self.cfg.draws
+        correct, flagged = np.zeros((n, draws), bool), np.zeros(n, bool)
+        t0, used = time.perf_counter(), False
+        for k, site in enumerate(self.sites):
+            idx = np.flatnonzero(self.owner[:n] == k)
+            if len(idx) == 0:
+                continue
+            x = torch.as_tensor(self.images[idx])[:, None].float()
+            y = torch.as_tensor(self.labels[idx]).long()
+            adv = x if name is None else self.craft_all(name, k, x, y)
+            if adv is None:
+                return None
+            o = outcomes(site.pipe, site.classifier, adv, y, self.cfg.draws, self.seed + 7 + 1000 * site.site,
+                         self.batch_size)
+            correct[idx], flagged[idx] = o["correct"], o["flagged"]
+            used = True
+        if not used:
+            return None
+        return summarise(correct, flagged) | {"seconds": time.perf_counter() - t0}, correct, flagged
+
+
 def suite_run(run: str | Path, cfg=None, *, max_scans: int = 256, cheap_max: int = 0, seed: int = 0,
               batch_size: int = 32, log=print, source: str | None = None, defense: dict | None = None,
               tag: str = "", command: str = "", split: str = "test") -> dict:
@@ -562,60 +616,23 @@ def suite_run(run: str | Path, cfg=None, *, max_scans: int = 256, cheap_max: int
     The costly attacks' scans are the first ``max_scans`` of the cheap ones,
     and the suite's worst case is taken over those.
     """
-    from training.attacks.suite import (
-        CHEAP,
-        SuiteConfig,
-        craft,
-        outcomes,
-        resolved,
-        summarise,
-        worst_case,
-    )
+    from training.attacks.suite import CHEAP, SuiteConfig, resolved, summarise, worst_case
 
     profile, sites, info = load_sites(run, source, defense)
     cfg = resolved(cfg or SuiteConfig(), sites[0].pipe)
     if split not in ("val", "test"):
         raise cfgmod.UsageError(f"the suite runs on 'val' or 'test' scans, not {split!r}")
     images, labels, owner = _suite_scans(sites, cheap_max, split)
+    scans = _SuiteScans(sites, cfg, images, labels, owner, seed, batch_size)
     n_costly = min(len(labels), max_scans) if max_scans > 0 else len(labels)
     t_all = time.perf_counter()
 
-    def run_attack(name: str | None, n: int) -> tuple[dict, np.ndarray, np.ndarray] | None:
-        correct, flagged = np.zeros((n, 1 if sites[0].pipe is None else cfg.draws), bool), np.zeros(n, bool)
-        t0, used = time.perf_counter(), False
-        for k, site in enumerate(sites):
-            idx = np.flatnonzero(owner[:n] == k)
-            if len(idx) == 0:
-                continue
-            x = torch.as_tensor(images[idx])[:, None].float()
-            y = torch.as_tensor(labels[idx]).long()
-            other = sites[(k + 1) % len(sites)].classifier if len(sites) > 1 else None
-            if name is None:
-                adv = x
-            else:
-                parts = []
-                for i in range(0, len(x), batch_size):
-                    a = craft(name, cfg, site.pipe, site.classifier, x[i : i + batch_size], y[i : i + batch_size],
-                              seed + 1000 * site.site + i, other)
-                    if a is None:
-                        return None
-                    parts.append(a)
-                adv = torch.cat(parts)
-                _check_budget(name, cfg, adv, x)
-            o = outcomes(site.pipe, site.classifier, adv, y, cfg.draws, seed + 7 + 1000 * site.site, batch_size)
-            correct[idx], flagged[idx] = o["correct"], o["flagged"]
-            used = True
-        if not used:
-            return None
-        res = summarise(correct, flagged) | {"seconds": time.perf_counter() - t0}
-        return res, correct, flagged
-
-    clean_res, clean_correct, _ = run_attack(None, len(labels))
+    clean_res, clean_correct, _ = scans.run(None, len(labels))
     log(f"clean: {clean_res['robust_acc']:.4f} on {clean_res['scans']} scans ({clean_res['seconds']:.0f} s)")
     rows, per_attack = [], {}
     for name in cfg.attacks:
         n = len(labels) if name in CHEAP else n_costly
-        got = run_attack(name, n)
+        got = scans.run(name, n)
         if got is None:
             log(f"{name}: does not apply to this run, skipped")
             continue
@@ -625,20 +642,17 @@ def suite_run(run: str | Path, cfg=None, *, max_scans: int = 256, cheap_max: int
         log(f"{name}: {res['robust_acc']:.4f} (worst of {res['draws']} {res['worst_of_n']:.4f}, flagged "
             f"{res['flag_rate']:.2%}) on {res['scans']} scans ({res['seconds']:.0f} s)")
     clean_sub = clean_correct[:n_costly]
+    wc = worst_case(per_attack)
     report = {
         **info, "profile": profile.name, "split": split, "sites": len(sites), "scans": n_costly, "cheap_scans": int(len(labels)),
         "defense": cfgmod.to_dict(profile)["defense"], "defense_overrides": dict(defense or {}),
         "suite": asdict(cfg), "seed": seed,
         "clean": clean_res | {"same_scans_as_worst_case": summarise(clean_sub, np.zeros(len(clean_sub), bool))},
-        "attacks": rows,
-        "worst_case": worst_case(per_attack),
+        "attacks": rows, "worst_case": wc, "worst_of_n": wc.get("worst_of_n"), "majority_of_n": wc.get("majority_of_n"),
         "command": command,
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "seconds": time.perf_counter() - t_all,
     }
-    wc = report["worst_case"]
-    report["worst_of_n"] = wc.get("worst_of_n")
-    report["majority_of_n"] = wc.get("majority_of_n")
     out = Path(run) / "reports"
     out.mkdir(parents=True, exist_ok=True)
     suffix = f"-{tag}" if tag else ""

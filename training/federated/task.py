@@ -269,6 +269,16 @@ def load_optimizer_arrays(model: nn.Module, optimizer: torch.optim.Optimizer, ar
     return n
 
 
+def _run_schedule(phase: str, profile: cfgmod.Profile, n_train: int, server_round: int):
+    """(lr_at, first step of this round): one cosine schedule over the phase's whole run, as centrally."""
+    fed, opt = profile.federated, getattr(profile, phase).optim
+    steps_per_epoch = max(1, math.ceil(n_train / opt.batch_size))
+    epochs = fed.phase_epochs[phase]
+    total = fed.phase_rounds[phase] * epochs * steps_per_epoch
+    warmup = max(1, int(opt.warmup_epochs * steps_per_epoch))
+    return (lambda step: cosine_lr(step, total, warmup, opt.lr)), (server_round - 1) * epochs * steps_per_epoch
+
+
 def local_train(
     phase: str,
     model: nn.Module,
@@ -290,16 +300,8 @@ def local_train(
     fed = profile.federated
     opt = getattr(profile, phase).optim
     epochs = fed.phase_epochs[phase]
-    rounds = fed.phase_rounds[phase]
     train = data["train"]
-    steps_per_epoch = max(1, math.ceil(len(train) / opt.batch_size))
-    total = rounds * epochs * steps_per_epoch
-    start = (server_round - 1) * epochs * steps_per_epoch
-    warmup = max(1, int(opt.warmup_epochs * steps_per_epoch))
-
-    def lr_at(step: int) -> float:  # one cosine schedule over the whole run, as centrally
-        return cosine_lr(step, total, warmup, opt.lr)
-
+    lr_at, start = _run_schedule(phase, profile, len(train), server_round)
     objective = (classifier_objective(profile, defense, train.labels) if phase == "classifier"
                  else make_objective(phase, profile))
     extra = proximal_term(model, global_shared, fed.proximal_mu) if fed.proximal_mu > 0 and global_shared else None
