@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from runtime.markdown import table
+
 
 @torch.no_grad()
 def torch_reference(pipe, x: torch.Tensor, seeds: np.ndarray) -> dict:
@@ -107,13 +109,13 @@ def render(r: dict) -> str:
              f"classifier. tau: runtime {r['tau']['runtime']:.6g}, torch {r['tau']['torch']:.6g}. "
              f"Purification noise: numpy default_rng(scan index) per scan on both sides.", "",
              f"Produced by: `{r['command']}` ({r['seconds']:.0f} s)", "",
-             "| scans | accuracy, runtime | accuracy, PyTorch | predictions agree | flags agree | t* agree | "
-             "max prob diff | max score diff (rel) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, row in r["threats"].items():
-        lines.append(f"| {name} | {100 * row['acc_runtime']:.2f} % | {100 * row['acc_torch']:.2f} % | "
-                     f"{100 * row['prediction_agreement']:.2f} % ({row['prediction_disagreements']} differ) | "
-                     f"{100 * row['flag_agreement']:.2f} % | {100 * row['t_star_agreement']:.2f} % | "
-                     f"{row['probs_max_abs_diff']:.1e} | {row['score_max_rel_diff']:.1e} |")
+             *table(["scans", "accuracy, runtime", "accuracy, PyTorch", "predictions agree", "flags agree", "t* agree",
+                     "max prob diff", "max score diff (rel)"],
+                    [(name, f"{100 * row['acc_runtime']:.2f} %", f"{100 * row['acc_torch']:.2f} %",
+                      f"{100 * row['prediction_agreement']:.2f} % ({row['prediction_disagreements']} differ)",
+                      f"{100 * row['flag_agreement']:.2f} %", f"{100 * row['t_star_agreement']:.2f} %",
+                      f"{row['probs_max_abs_diff']:.1e}", f"{row['score_max_rel_diff']:.1e}")
+                     for name, row in r["threats"].items()])]
     lines += ["", "Defense: " + json.dumps(r["defense"])]
     return "\n".join(lines) + "\n"
 

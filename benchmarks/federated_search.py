@@ -17,6 +17,7 @@ import math
 import sys
 from pathlib import Path
 
+from runtime.markdown import table
 from training import config as cfgmod
 
 KEYS = (  # summary.json key -> column
@@ -81,12 +82,10 @@ def emit(out: Path | None, text: str, data) -> None:
 
 
 def render(rows: list[dict]) -> str:
-    lines = ["| run | method | recipe (what differs from the profile) | "
-             + " | ".join(c for _, c in KEYS) + " | train min |",
-             "|---|---|---|" + "---:|" * (len(KEYS) + 1)]
-    for r in rows:
-        lines.append(f"| `{Path(r['run']).name}` | {r['method']} | {r['recipe'] or 'profile defaults'} | "
-                     + " | ".join(pct(r[k]) for k, _ in KEYS) + f" | {r['minutes']:.1f} |")
+    lines = table(["run", "method", "recipe (what differs from the profile)", *(c for _, c in KEYS), "train min"],
+                  [[f"`{Path(r['run']).name}`", r["method"], r["recipe"] or "profile defaults",
+                    *(pct(r[k]) for k, _ in KEYS), f"{r['minutes']:.1f}"] for r in rows],
+                  align="lll" + "r" * (len(KEYS) + 1))
     return "\n".join(lines) + "\n"
 
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from benchmarks.federated_search import pct
+from runtime.markdown import table
 from training.metrics import roc_auc
 from training.ood import (
     OOD_KINDS,
@@ -171,16 +172,17 @@ def render(r: dict) -> str:
              f"Threshold: refuses {pct(r['refusal_rate'])} % of each site's clean validation scans "
              "(mahalanobis-fed: of the pooled validation scores of all sites). "
              f"Chosen score: **{r['chosen']}** ({r['chosen_by']}).", "",
-             "| score | val ROC AUC | test ROC AUC | worst site test AUC | clean test scans refused | "
-             "synthetic test inputs refused |", "|---|---|---|---|---|---|"]
-    for n, m in r["mean"].items():
-        lines.append(f"| {n} | {m['val_auc']:.3f} | {m['test_auc']:.3f} | {m['min_test_auc']:.3f} | "
-                     f"{pct(m['test_false_refusal'])} | {pct(m['ood_test_refused'])} |")
-    lines += ["", f"Test ROC AUC of {r['chosen']} per kind (mean over sites):", "", "| kind | AUC |", "|---|---|"]
-    lines += [f"| {k} | {v:.3f} |" for k, v in r["chosen_test_auc_by_kind"].items()]
+             *table(["score", "val ROC AUC", "test ROC AUC", "worst site test AUC", "clean test scans refused",
+                     "synthetic test inputs refused"],
+                    [(n, f"{m['val_auc']:.3f}", f"{m['test_auc']:.3f}", f"{m['min_test_auc']:.3f}",
+                      pct(m["test_false_refusal"]), pct(m["ood_test_refused"])) for n, m in r["mean"].items()],
+                    align="l" * 6)]
+    lines += ["", f"Test ROC AUC of {r['chosen']} per kind (mean over sites):", ""]
+    lines += table(["kind", "AUC"], [(k, f"{v:.3f}") for k, v in r["chosen_test_auc_by_kind"].items()], align="ll")
     lines += ["", f"Risk-coverage on clean test scans ({r['chosen']}; accept the lowest scores first; classifier "
-              "alone, mean over sites):", "", "| share accepted | accuracy of the accepted |", "|---|---|"]
-    lines += [f"| {pct(c['coverage'])} | {pct(c['mean_site_accuracy'])} |" for c in r["chosen_risk_coverage"]]
+              "alone, mean over sites):", ""]
+    lines += table(["share accepted", "accuracy of the accepted"],
+                   [(pct(c["coverage"]), pct(c["mean_site_accuracy"])) for c in r["chosen_risk_coverage"]], align="ll")
     return "\n".join(lines) + "\n"
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from benchmarks.federated_search import emit, pct
+from runtime.markdown import table
 from training.engine import predict
 from training.metrics import balanced_accuracy
 
@@ -94,13 +95,14 @@ def render(res: dict) -> str:
     lines = [f"# Personalization ablation: `{res['run']}` ({res['method']})", "",
              "Classifier alone on clean scans; per site, its own test scans (accuracy, balanced accuracy) and the "
              "pooled test set (balanced accuracy), for the site's own gates, uniform gates and the federation's mean "
-             "gates. Means weighted by test scans (pooled figures: unweighted).", "",
-             "| site | test scans | " + " | ".join(f"{v}: acc / bal. / pooled bal." for v in VARIANTS) + " |",
-             "|---:|---:|" + "---:|" * len(VARIANTS)]
+             "gates. Means weighted by test scans (pooled figures: unweighted).", ""]
+    rows = []
     for r in res["sites"] + [{"site": "mean", "test_scans": sum(x["test_scans"] for x in res["sites"]), **res["mean"]}]:
         cells = [f"{pct(r[v]['test_acc'])} / {pct(r[v]['test_balanced'])} / {pct(r[v]['pooled_test_balanced'])}"
                  for v in VARIANTS]
-        lines.append(f"| {r['site']} | {r['test_scans']} | " + " | ".join(cells) + " |")
+        rows.append([r["site"], r["test_scans"], *cells])
+    lines += table(["site", "test scans", *(f"{v}: acc / bal. / pooled bal." for v in VARIANTS)], rows,
+                   align="r" * (2 + len(VARIANTS)))
     lines += ["", "Validation (balanced accuracy, own / pooled): "
               + "; ".join(f"{v} {pct(res['mean'][v]['val_balanced'])} / {pct(res['mean'][v]['pooled_val_balanced'])}"
                           for v in VARIANTS)]

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.markdown import table
+
 
 def _instances(scans: Path, n: int):
     """N DICOM data sets: the folder's DICOM files cycled, each copy with new SOP Instance and series UIDs."""
@@ -218,11 +220,11 @@ def render(r: dict) -> str:
         f"# runtime serve under load: {r['bundle']}", "", f"Produced by: `{r['command']}`", "",
         f"Reference, `runtime infer --batch-size 1` on the same scans: p50 {ref['p50_ms']:.1f} ms, p95 "
         f"{ref['p95_ms']:.1f} ms per scan ({ref['scans']} scans).", "",
-        "| instances | associations | answered | p50 ms | p95 ms | p99 ms | instances/s | lost | duplicated | "
-        "p95 / infer b1 p95 |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| {ld['instances']} | {ld['associations']} | {ld['answered']} | {ld['p50_ms']:.1f} | {ld['p95_ms']:.1f} | "
-        f"{ld['p99_ms']:.1f} | {ld['throughput_per_s']:.1f} | {ld['lost']} | {ld['duplicated']} | "
-        f"{ld['p95_vs_infer_b1']:.2f} |", "",
+        *table(["instances", "associations", "answered", "p50 ms", "p95 ms", "p99 ms", "instances/s", "lost",
+                "duplicated", "p95 / infer b1 p95"],
+               [(ld["instances"], ld["associations"], ld["answered"], f"{ld['p50_ms']:.1f}", f"{ld['p95_ms']:.1f}",
+                 f"{ld['p99_ms']:.1f}", f"{ld['throughput_per_s']:.1f}", ld["lost"], ld["duplicated"],
+                 f"{ld['p95_vs_infer_b1']:.2f}")], align="r" * 10), "",
         f"Statuses: {ld['statuses']}. Latency is from the C-STORE request to its response, which the service "
         "sends after the instance's record is written.", "",
         "## SIGTERM in the middle of the load", "",

@@ -43,6 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from runtime.markdown import table
+
 TARGETS = {"ort_speedup": 2.0, "clean_overhead": 1.25, "respaced_gap_points": 1.0, "respaced_cost_ratio": 10.0}
 
 
@@ -419,27 +421,26 @@ def _md_header(s: SuiteSummary) -> list[str]:
 
 
 def _md_latency(s: SuiteSummary) -> list[str]:
-    lines = ["## Latency, batch 1 (median of steady-state batches, end to end incl. preprocessing)", "",
-             "| pipeline | clean traffic | attacked traffic |", "|---|---:|---:|"]
-    for m, name in (("adaptive", "runtime, the defense (detect, purify flagged, classify)"),
-                    ("always", "runtime, purify every scan"), ("classify", "runtime, classifier only")):
-        lines.append(f"| {name} | {s.p50('clean', m):.2f} ms | {s.p50('attacked', m):.2f} ms |")
+    rows = [(name, f"{s.p50('clean', m):.2f} ms", f"{s.p50('attacked', m):.2f} ms")
+            for m, name in (("adaptive", "runtime, the defense (detect, purify flagged, classify)"),
+                            ("always", "runtime, purify every scan"), ("classify", "runtime, classifier only"))]
     if s.int8_p50 is not None:
-        lines.append(f"| runtime with the int8 denoiser, the defense | {s.int8_p50['clean']:.2f} ms | "
-                     f"{s.int8_p50['attacked']:.2f} ms |")
-    lines.append(f"| PyTorch eager, the defense | {s.eager_p50['clean']:.2f} ms | {s.eager_p50['attacked']:.2f} ms |")
-    return lines
+        rows.append(("runtime with the int8 denoiser, the defense", f"{s.int8_p50['clean']:.2f} ms",
+                     f"{s.int8_p50['attacked']:.2f} ms"))
+    rows.append(("PyTorch eager, the defense", f"{s.eager_p50['clean']:.2f} ms", f"{s.eager_p50['attacked']:.2f} ms"))
+    return ["## Latency, batch 1 (median of steady-state batches, end to end incl. preprocessing)", "",
+            *table(["pipeline", "clean traffic", "attacked traffic"], rows)]
 
 
 def _md_paired(s: SuiteSummary) -> list[str]:
     if s.paired is None:
         return []
-    lines = ["", "Paired timing (the same scan through both runtime pipelines in turn, order rotated; medians, ms):", "",
-             "| traffic | runtime defense | runtime classifier only | scans |", "|---|---:|---:|---:|"]
+    rows = []
     for k in ("clean", "attacked"):
         m = s.paired[k]["median_ms"]
-        lines.append(f"| {k} | {m['runtime']:.2f} | {m['runtime_classify']:.2f} | {s.paired[k]['scans']} |")
-    return lines
+        rows.append((k, f"{m['runtime']:.2f}", f"{m['runtime_classify']:.2f}", s.paired[k]["scans"]))
+    return ["", "Paired timing (the same scan through both runtime pipelines in turn, order rotated; medians, ms):", "",
+            *table(["traffic", "runtime defense", "runtime classifier only", "scans"], rows)]
 
 
 def _joined(values, fmt: str) -> str:
@@ -452,28 +453,24 @@ def _md_alternating(s: SuiteSummary) -> list[str]:
         return []
     int8 = "int8" in alt["clean"]
     rounds = "runtime, int8, eager, eager, int8, runtime" if int8 else "runtime, eager, eager, runtime"
+    per_traffic = [(k, alt[k]) for k in ("clean", "attacked")]
     lines = ["", f"Runtime defense against the PyTorch eager defense in {alt['clean']['blocks']} alternating blocks "
              f"of {alt['clean']['scans_per_block']} scans ({rounds}, ...; block medians, ms):", "",
-             "| traffic | runtime, per block | eager, per block | speed-up per block | median speed-up |",
-             "|---|---|---|---|---:|"]
-    for k in ("clean", "attacked"):
-        a = alt[k]
-        lines.append(f"| {k} | {_joined(a['block_median_ms']['runtime'], '.1f')} | "
-                     f"{_joined(a['block_median_ms']['eager'], '.1f')} | "
-                     f"{_joined(a['speedup_per_block'], '.2f')} | {a['speedup']:.2f} |")
+             *table(["traffic", "runtime, per block", "eager, per block", "speed-up per block", "median speed-up"],
+                    [(k, _joined(a["block_median_ms"]["runtime"], ".1f"), _joined(a["block_median_ms"]["eager"], ".1f"),
+                      _joined(a["speedup_per_block"], ".2f"), f"{a['speedup']:.2f}") for k, a in per_traffic],
+                    align="llllr")]
     if int8:
         lines += ["", "The int8 denoiser's runtime in the same rounds:", "",
-                  "| traffic | runtime int8, per block | speed-up over eager per block | median speed-up |",
-                  "|---|---|---|---:|"]
-        for k in ("clean", "attacked"):
-            a = alt[k]
-            lines.append(f"| {k} | {_joined(a['block_median_ms']['runtime_int8'], '.1f')} | "
-                         f"{_joined(a['int8']['speedup_per_block'], '.2f')} | {a['int8']['speedup']:.2f} |")
+                  *table(["traffic", "runtime int8, per block", "speed-up over eager per block", "median speed-up"],
+                         [(k, _joined(a["block_median_ms"]["runtime_int8"], ".1f"),
+                           _joined(a["int8"]["speedup_per_block"], ".2f"), f"{a['int8']['speedup']:.2f}")
+                          for k, a in per_traffic], align="lllr")]
     return lines
 
 
-def _md_target_row(name: str, v: float, target: str, ok: bool) -> str:
-    return f"| {name} | {v:.2f} | {target} | {'yes' if ok else '**no**'} |"
+def _md_target_row(name: str, v: float, target: str, ok: bool) -> tuple[str, ...]:
+    return name, f"{v:.2f}", target, "yes" if ok else "**no**"
 
 
 def _md_ratios(s: SuiteSummary) -> list[str]:
@@ -483,35 +480,34 @@ def _md_ratios(s: SuiteSummary) -> list[str]:
     lines = ["", "## Ratios measured in this run, against the targets", "",
              "Runtime against PyTorch: median over the alternating block pairs" + sep + ". Blocks, not calls, "
              "alternate: the two libraries' thread pools slow each other down when interleaved call by call. Overhead of the defense: median of per-scan "
-             f"ratios from the paired timing (the block timings give {ratios['clean_overhead_vs_classify_unpaired']:.2f}).", "",
-             "| comparison | measured | target | met |", "|---|---:|---:|---|"]
+             "ratios from the paired timing (the block timings give "
+             f"{ratios['clean_overhead_vs_classify_unpaired']:.2f}).", ""]
     speedups = [("runtime speed-up over PyTorch eager, clean", "ort_speedup_clean"),
                 ("runtime speed-up over PyTorch eager, attacked", "ort_speedup_attacked")]
     if "ort_int8_speedup_attacked" in ratios:
         speedups += [("runtime with the int8 denoiser over PyTorch eager, clean", "ort_int8_speedup_clean"),
                      ("runtime with the int8 denoiser over PyTorch eager, attacked", "ort_int8_speedup_attacked")]
-    lines += [_md_target_row(name, ratios[k], ">= 2", ratios[k] >= 2) for name, k in speedups]
-    lines.append(_md_target_row("defense / classify-only cost, clean traffic", ratios["clean_overhead_vs_classify"],
-                                "<= 1.25", ratios["clean_overhead_vs_classify"] <= 1.25))
-    lines.append(_md_target_row("always-purify / classify-only cost, clean traffic", ratios["always_vs_classify_clean"],
-                                "(reference)", True))
+    rows = [_md_target_row(name, ratios[k], ">= 2", ratios[k] >= 2) for name, k in speedups]
+    rows.append(_md_target_row("defense / classify-only cost, clean traffic", ratios["clean_overhead_vs_classify"],
+                               "<= 1.25", ratios["clean_overhead_vs_classify"] <= 1.25))
+    rows.append(_md_target_row("always-purify / classify-only cost, clean traffic", ratios["always_vs_classify_clean"],
+                               "(reference)", True))
     if s.sweep_rows is not None:
         for k in (1, 2, 5, 10):
             gap, cost = ratios[f"respaced_{k}_gap_points"], ratios[f"respaced_{k}_cost_ratio"]
-            lines.append(f"| {k} DDIM step(s) against full DDPM from t*: robust accuracy gap (points) / cost ratio | "
-                         f"{gap:+.2f} / {cost:.1f}x | <= 1 / >= 10x | {'yes' if gap <= 1 and cost >= 10 else '**no**'} |")
-    return lines
+            rows.append((f"{k} DDIM step(s) against full DDPM from t*: robust accuracy gap (points) / cost ratio",
+                         f"{gap:+.2f} / {cost:.1f}x", "<= 1 / >= 10x", "yes" if gap <= 1 and cost >= 10 else "**no**"))
+    return lines + table(["comparison", "measured", "target", "met"], rows, align="lrrl")
 
 
 def _md_sweep(s: SuiteSummary) -> list[str]:
     if s.sweep_rows is None:
         return []
     lines = ["", "## Robustness against compute (paper-setting PGD L-inf, test scans)", "",
-             "| purification steps | clean acc | robust acc | denoiser evals / attacked scan | s / scan |",
-             "|---:|---:|---:|---:|---:|"]
-    for row in s.sweep_rows:
-        lines.append(f"| {row['steps']} | {100 * row['clean_acc']:.2f} % | {100 * row['robust_acc']:.2f} % | "
-                     f"{row['evals_per_attacked_scan']:.2f} | {row['seconds_per_scan']:.3f} |")
+             *table(["purification steps", "clean acc", "robust acc", "denoiser evals / attacked scan", "s / scan"],
+                    [(row["steps"], f"{100 * row['clean_acc']:.2f} %", f"{100 * row['robust_acc']:.2f} %",
+                      f"{row['evals_per_attacked_scan']:.2f}", f"{row['seconds_per_scan']:.3f}")
+                     for row in s.sweep_rows], align="r" * 5)]
     lines.append(f"\n{s.sweep_rows[0]['n']} scans per cell.")
     return lines
 
@@ -540,11 +536,11 @@ def _md_int8(s: SuiteSummary) -> list[str]:
 
 def _md_configs(s: SuiteSummary) -> list[str]:
     lines = ["", "## All latency configurations (runtime)", "",
-             "| traffic | mode | batch | p50 ms | p95 ms | p99 ms | scans/s | flagged |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for c in s.configs:
-        lines.append(f"| {c['traffic']} | {c['mode']} | {c['batch_size']} | {c['latency_ms']['p50']:.2f} | "
-                     f"{c['latency_ms']['p95']:.2f} | {c['latency_ms']['p99']:.2f} | {c['throughput_scans_per_s']:.1f} | "
-                     f"{100 * c['flag_rate']:.1f} % |")
+             *table(["traffic", "mode", "batch", "p50 ms", "p95 ms", "p99 ms", "scans/s", "flagged"],
+                    [(c["traffic"], c["mode"], c["batch_size"],
+                      *(f"{c['latency_ms'][p]:.2f}" for p in ("p50", "p95", "p99")),
+                      f"{c['throughput_scans_per_s']:.1f}", f"{100 * c['flag_rate']:.1f} %") for c in s.configs],
+                    align="ll" + "r" * 6)]
     lines += ["", "Per-stage times, first-run cost, memory and plots: `latency/bench.md`, `latency/bench.html`"
               + (" (int8 denoiser: `latency-int8/`)." if s.int8_p50 is not None else ".")]
     return lines

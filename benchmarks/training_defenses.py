@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.markdown import table as md_table
 from training import config as cfgmod
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "td-sweep.toml"
@@ -93,22 +94,20 @@ def _write_robustness(results, base, out: Path, cells, aggregations) -> None:
     lines = ["# Robust aggregation under poisoning", "",
              f"Accuracy (%) at the honest sites after {fed.rounds} rounds ({fed.sites} sites, `{fed.partition}`, "
              f"profile `{base.name}` at {base.preprocess.size} px, {fed.local_epochs} local epoch(s)); "
-             "mean over honest sites, weighted by test scans. The malicious sites are fixed by the seed.", "",
-             "| aggregation | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
+             "mean over honest sites, weighted by test scans. The malicious sites are fixed by the seed.", ""]
     by = {(r["aggregation"], r["poison"], r["fraction"]): r for r in results}
-    for agg in aggregations:
-        row = [_pct(by[(agg, p, f)]["honest_clean_acc"]) if (agg, p, f) in by else "" for p, f in cells]
-        lines.append(f"| {agg} | " + " | ".join(row) + " |")
+    lines += md_table(["aggregation", *head], [
+        [agg, *(_pct(by[(agg, p, f)]["honest_clean_acc"]) if (agg, p, f) in by else "" for p, f in cells)]
+        for agg in aggregations])
     trust = [r for r in results if r["aggregation"] in ("fltrust", "optigradtrust") and r["poison"] != "none"]
     if trust:
         lines += ["", "Detection of malicious sites (update left out of the aggregate: FLTrust trust 0, OptiGradTrust trust < 0.5; "
-                  "over all rounds): precision / recall (%), mean trust malicious / honest.", "",
-                  "| aggregation | poisoning | malicious | precision | recall | trust malicious | trust honest |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
-        for r in trust:
-            lines.append(f"| {r['aggregation']} | {r['poison']} | {int(round(100 * r['fraction']))} % | "
-                         f"{_pct(r['detection_precision'])} | {_pct(r['detection_recall'])} | "
-                         f"{r['mean_trust_malicious']:.2f} | {r['mean_trust_honest']:.2f} |")
+                  "over all rounds): precision / recall (%), mean trust malicious / honest.", ""]
+        lines += md_table(
+            ["aggregation", "poisoning", "malicious", "precision", "recall", "trust malicious", "trust honest"],
+            [(r["aggregation"], r["poison"], f"{int(round(100 * r['fraction']))} %", _pct(r["detection_precision"]),
+              _pct(r["detection_recall"]), f"{r['mean_trust_malicious']:.2f}", f"{r['mean_trust_honest']:.2f}")
+             for r in trust], align="llrrrrr")
     (out / "robustness.md").write_text("\n".join(lines) + "\n")
 
 
@@ -149,12 +148,10 @@ def fedbn(base: cfgmod.Profile, data: str, runs: Path, out: Path, mus, rounds: i
              f"{fed.local_epochs} local epoch(s) per round. Each site's scans re-acquired by its own scanner "
              "profile (A-D). Mean clean accuracy (%) over the sites' whole test sets, per round; then the mean of "
              "the last three rounds, and the first round at 95 % of the run's final accuracy.", "",
-             "| method | " + " | ".join(f"r{i + 1}" for i in range(n)) + " | last 3 | rounds to 95 % |",
-             "|---|" + "---:|" * (n + 2)]
-    for name, r in results.items():
-        lines.append(f"| {name} | " + " | ".join(_pct(v) for v in r["clean_acc"])
-                     + f" | {_pct(r['last3'])} | {r['rounds_to_95']} |")
-    lines += ["", "![accuracy per round](fedbn.png)"]
+             *md_table(["method", *(f"r{i + 1}" for i in range(n)), "last 3", "rounds to 95 %"],
+                       [[name, *(_pct(v) for v in r["clean_acc"]), _pct(r["last3"]), r["rounds_to_95"]]
+                        for name, r in results.items()]),
+             "", "![accuracy per round](fedbn.png)"]
     (out / "fedbn.md").write_text("\n".join(lines) + "\n")
     return out / "fedbn.md"
 
@@ -243,14 +240,11 @@ class FedSafeReport:
                 "Fed-Safe runs' (matched cost).", ""]
 
     def table(self) -> list[str]:
-        lines = ["| run | sigma | clean acc (%) | PGD acc (%) | epsilon | training s (sum over sites) |",
-                 "|---|---:|---:|---:|---:|---:|"]
-        for r in self.rows:
-            eps = "–" if r["epsilon"] is None else f"{r['epsilon']:.1f}"
-            sig = "–" if r["sigma"] is None else f"{r['sigma']:g}"
-            lines.append(f"| {r['run']} | {sig} | {_pct(r['clean_acc'])} | {_pct(r['pgd_acc'])} | {eps} | "
-                         f"{r['train_seconds']:.0f} |")
-        return lines
+        return md_table(
+            ["run", "sigma", "clean acc (%)", "PGD acc (%)", "epsilon", "training s (sum over sites)"],
+            [(r["run"], "–" if r["sigma"] is None else f"{r['sigma']:g}", _pct(r["clean_acc"]), _pct(r["pgd_acc"]),
+              "–" if r["epsilon"] is None else f"{r['epsilon']:.1f}", f"{r['train_seconds']:.0f}")
+             for r in self.rows])
 
     def markdown(self) -> str:
         return "\n".join(self.intro() + self.table() + ["", "![accuracy and privacy against sigma](fedsafe.png)"]) + "\n"

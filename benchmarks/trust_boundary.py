@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.markdown import table
+
 HERE = Path(__file__).resolve().parents[1]
 AS_LIMIT = 4 << 30
 TIMEOUT_S = 600
@@ -623,11 +625,9 @@ def write_report(out: Path, label: str, meta: dict, rows: list[dict]) -> None:
              f"{meta['date']}; {meta['python']}; every child under RLIMIT_AS {AS_LIMIT >> 30} GB, "
              "OMP_NUM_THREADS=1, `--threads 1`. `$W` is the scratch folder; `B` names a bundle copy under "
              "`$W/bundles`. Peak MB: the child's VmHWM at exit.", "",
-             "| case | command | exit | behaviour | traceback | peak MB |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        cmd = " ; ".join(f"`{_md(_cmd(x))}`" for x in r["runs"]) or "—"
-        lines.append(f"| {r['key']}: {_md(r['title'])} | {cmd} | {_exit(r)} | {_md(r['behaviour'])} | {_tb(r)} "
-                     f"| {_peak(r)} |")
+             *table(["case", "command", "exit", "behaviour", "traceback", "peak MB"],
+                    [(f"{r['key']}: {_md(r['title'])}", " ; ".join(f"`{_md(_cmd(x))}`" for x in r["runs"]) or "—",
+                      _exit(r), _md(r["behaviour"]), _tb(r), _peak(r)) for r in rows], align="l" * 6)]
     (out / "trust.md").write_text("\n".join(lines) + "\n")
 
 
@@ -648,16 +648,17 @@ def merge(top: Path) -> Path:
         "[before/trust.md](before/trust.md), [after/trust.md](after/trust.md) (commands, first stderr line, records "
         "in the JSON).",
         "",
-        "| case | before: exit | before: behaviour | after: exit | after: behaviour | peak MB before / after |",
-        "|---|---|---|---|---|---|",
     ]
+    compared = []
     for r in after["cases"]:
         bb = bmap.get(r["key"])
         b_exit = _exit(bb) if bb else "—"
         b_beh = (bb["behaviour"] + (" (traceback)" if bb["runs"] and _tb(bb) == "yes" else "")) if bb else "—"
         a_beh = r["behaviour"] + (" (traceback)" if _tb(r) == "yes" else "")
         peak = f"{_peak(bb) if bb else '—'} / {_peak(r)}"
-        lines.append(f"| {r['key']}: {_md(r['title'])} | {b_exit} | {_md(b_beh)} | {_exit(r)} | {_md(a_beh)} | {peak} |")
+        compared.append((f"{r['key']}: {_md(r['title'])}", b_exit, _md(b_beh), _exit(r), _md(a_beh), peak))
+    lines += table(["case", "before: exit", "before: behaviour", "after: exit", "after: behaviour",
+                    "peak MB before / after"], compared, align="l" * 6)
     peaks = {k: [r["peak_mb"] for r in bmap[k]["runs"]] for k in ("7", "8") if k in bmap}
     lines += [
         "",

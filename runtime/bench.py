@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.markdown import table
 from runtime.preprocess import PreprocessConfig, preprocess
 
 PERCENTILES = (50, 90, 95, 99)
@@ -262,16 +263,16 @@ def render_markdown(r: dict) -> str:
     if r.get("command"):
         lines += [f"Produced by: `{r['command']}`", ""]
     cost = r.get("gpu_hour_price") is not None
-    lines += ["| traffic | mode | batch | p50 ms | p90 ms | p95 ms | p99 ms | scans/s | scans/hour | flagged | "
-              "preprocess | detect | purify | classify | first run ms |" + (" cost / 10k scans |" if cost else ""),
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if cost else "")]
+    head = ["traffic", "mode", "batch", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "scans/s", "scans/hour", "flagged",
+            *STAGES, "first run ms"] + (["cost / 10k scans"] if cost else [])
+    rows = []
     for c in r["configs"]:
         lat, st = c["latency_ms"], c["stage_ms"]
-        lines.append(
-            f"| {c['traffic']} | {c['mode']} | {c['batch_size']} | {lat['p50']:.2f} | {lat['p90']:.2f} | {lat['p95']:.2f} | "
-            f"{lat['p99']:.2f} | {c['throughput_scans_per_s']:.1f} | {c['throughput_scans_per_hour']:.0f} | "
-            f"{100 * c['flag_rate']:.1f} % | " + " | ".join(f"{st[s]['p50']:.2f}" for s in STAGES)
-            + f" | {max(c['first_run_ms'] or [0]):.1f} |" + (f" {c['cost_per_10k_scans']:.4f} |" if cost else ""))
+        rows.append([c["traffic"], c["mode"], c["batch_size"], *(f"{lat[p]:.2f}" for p in ("p50", "p90", "p95", "p99")),
+                     f"{c['throughput_scans_per_s']:.1f}", f"{c['throughput_scans_per_hour']:.0f}",
+                     f"{100 * c['flag_rate']:.1f} %", *(f"{st[s]['p50']:.2f}" for s in STAGES),
+                     f"{max(c['first_run_ms'] or [0]):.1f}"] + ([f"{c['cost_per_10k_scans']:.4f}"] if cost else []))
+    lines += table(head, rows, align="ll" + "r" * (len(head) - 2))
     lines += ["", "Latency is per batch, end to end; stage columns are median ms per batch; first run is the slowest "
               "warm-up batch, excluded from the steady state."]
     return "\n".join(lines) + "\n"

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from runtime.markdown import table
 from training import config as cfgmod
 from training.attacks.adaptive import AdaptiveConfig, adaptive_pgd
 from training.attacks.pgd import PAPER_L2, PAPER_LINF, pgd
@@ -283,12 +284,13 @@ def render_markdown(r: dict, roc: str = "") -> str:
                      f"| {names.get(k, k)} | {v['n']} | {_pct(v.get('acc'))} | {_pct(v.get('flag_rate'))} | |")
     lines += ["", "## Per site", ""]
     threats = [k for k in names if any(k in s for s in r["sites"])]
-    lines.append("| site | test scans | classifier only, clean | " + " | ".join(names[k] for k in threats) + " |")
-    lines.append("|---:|---:|---:|" + "---:|" * len(threats))
+    per_site = []
     for s in r["sites"]:
         cells = [(_pct(s[k]["acc"]) + (f" (flagged {_pct(s[k]['flag_rate'])})" if "flag_rate" in s[k] else "")) if k in s else ""
                  for k in threats]
-        lines.append(f"| {s['site']} | {s['n_test']} | {_pct(s['clean_acc_classifier_only'])} | " + " | ".join(cells) + " |")
+        per_site.append([s["site"], s["n_test"], _pct(s["clean_acc_classifier_only"]), *cells])
+    lines += table(["site", "test scans", "classifier only, clean", *(names[k] for k in threats)], per_site,
+                   align="r" * (3 + len(threats)))
     lines += _clinical_lines(r)
     lines += ["", "## Attack parameters", "", "```json", json.dumps(r["attacks"], indent=1), "```", "",
               "Defense: " + json.dumps(r["defense"]) + f"; seed {r['seed']}."]
@@ -302,21 +304,19 @@ def _clinical_lines(r: dict) -> list[str]:
     if not any("balanced_acc" in s.get("clean", {}) for s in r["sites"]):
         return []  # a report written before these figures existed
 
-    def cells(d: dict) -> str:
+    def cells(d: dict) -> list[str]:
         c, p = d.get("clean", {}), d.get("pooled", {})
-        return (f"{_pct(c.get('acc'))} | {_pct(_num(c.get('balanced_acc')))} | {_pct(_num(c.get('sensitivity')))} | "
-                f"{_pct(_num(p.get('acc')))} | {_pct(_num(p.get('balanced_acc')))} | {_pct(_num(p.get('sensitivity')))} |")
+        return [_pct(c.get("acc")), _pct(_num(c.get("balanced_acc"))), _pct(_num(c.get("sensitivity"))),
+                _pct(_num(p.get("acc"))), _pct(_num(p.get("balanced_acc"))), _pct(_num(p.get("sensitivity")))]
 
-    lines = ["", "## Clinical figures (PROTOCOL.md rule 8)", "",
-             "Clean scans through each site's whole system. Sensitivity: recall of the tumor class. Pooled: the "
-             "site's system on every test scan of the run's data.", "",
-             "| site | test scans | accuracy | balanced accuracy | sensitivity | pooled accuracy | "
-             "pooled balanced accuracy | pooled sensitivity |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for s in r["sites"]:
-        lines.append(f"| {s['site']} | {s['n_test']} | " + cells(s))
     m = r["mean"]
-    lines.append(f"| mean | {m.get('clean', {}).get('n', 0)} | " + cells(m))
-    return lines
+    rows = [[s["site"], s["n_test"], *cells(s)] for s in r["sites"]]
+    rows.append(["mean", m.get("clean", {}).get("n", 0), *cells(m)])
+    return ["", "## Clinical figures (PROTOCOL.md rule 8)", "",
+            "Clean scans through each site's whole system. Sensitivity: recall of the tumor class. Pooled: the "
+            "site's system on every test scan of the run's data.", "",
+            *table(["site", "test scans", "accuracy", "balanced accuracy", "sensitivity", "pooled accuracy",
+                    "pooled balanced accuracy", "pooled sensitivity"], rows, align="r" * 8)]
 
 
 def _num(v):
@@ -379,11 +379,11 @@ def _write_sweep(out: Path, report: dict, tag: str) -> None:
     lines = [f"# Robustness against compute: {report['run']}", "",
              f"Paper-setting PGD L-inf (eps 0.015, step 0.003, 7 steps) crafted on each site's classifier; "
              f"{rows[0]['n'] if rows else 0} test scans in all; tau from clean validation scans at each flag rate.", "",
-             "| clean flag rate | purification steps | clean acc | robust acc | denoiser evals / clean scan | "
-             "denoiser evals / attacked scan | s / scan |", "|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['flag_rate']:.2f} | {r['steps']} | {_pct(r['clean_acc'])} | {_pct(r['robust_acc'])} | "
-                     f"{r['evals_per_clean_scan']:.2f} | {r['evals_per_attacked_scan']:.2f} | {r['seconds_per_scan']:.3f} |")
+             *table(["clean flag rate", "purification steps", "clean acc", "robust acc", "denoiser evals / clean scan",
+                     "denoiser evals / attacked scan", "s / scan"],
+                    [(f"{r['flag_rate']:.2f}", r["steps"], _pct(r["clean_acc"]), _pct(r["robust_acc"]),
+                      f"{r['evals_per_clean_scan']:.2f}", f"{r['evals_per_attacked_scan']:.2f}",
+                      f"{r['seconds_per_scan']:.3f}") for r in rows], align="r" * 7)]
     lines += ["", f"Defense otherwise: {json.dumps(report['defense'])}.", "",
               f"![robust accuracy against compute](sweep{suffix}.png)"]
     (out / f"sweep{suffix}.md").write_text("\n".join(lines) + "\n")
@@ -448,15 +448,15 @@ def _sweep_plot(rows: list[dict], path: Path) -> None:
 TABLE_ORDER = ("fedavg", "local", "fedem", "fat", "pfeddef", "medfedpure")
 
 
-def _threat_rows(rows: list[tuple], threat: str, flag_rate: bool) -> list[str]:
+def _threat_rows(rows: list[tuple], threat: str, flag_rate: bool) -> list[list]:
     """One table row per evaluated run that has ``threat``: method, run, sites, scans, clean and adversarial accuracy."""
     out = []
     for method, run, r in rows:
         m = r["mean"]
         if threat in m:
-            tail = f" {_pct(m[threat].get('flag_rate'))} |" if flag_rate else ""
-            out.append(f"| {method} | `{run}` | {len(r['sites'])} | {m['clean']['n']} | {_pct(m['clean']['acc'])} | "
-                       f"{_pct(m[threat]['acc'])} |" + tail)
+            tail = [_pct(m[threat].get("flag_rate"))] if flag_rate else []
+            out.append([method, f"`{run}`", len(r["sites"]), m["clean"]["n"], _pct(m["clean"]["acc"]),
+                        _pct(m[threat]["acc"]), *tail])
     return out
 
 
@@ -480,12 +480,11 @@ def paper_tables(runs: list[str | Path], out: str | Path) -> Path:
     lines = ["# Robustness tables (layout of the paper's Tables I and II)", "",
              "Means over sites weighted by test scans; clean accuracy through each system's whole pipeline; "
              "attacks crafted on each site's classifier (paper setting, PROTOCOL.md) and passed through the pipeline.", "",
-             "## Table I: PGD L2, eps 0.1, step 0.01, 10 steps", "",
-             "| method | run | sites | test scans | clean acc | adversarial acc |", "|---|---|---:|---:|---:|---:|"]
-    lines += _threat_rows(rows, "pgd_l2", flag_rate=False)
-    lines += ["", "## Table II: PGD L-inf, eps 0.015, step 0.003, 7 steps", "",
-              "| method | run | sites | test scans | clean acc | adversarial acc | flag rate (attacked) |", "|---|---|---:|---:|---:|---:|---:|"]
-    lines += _threat_rows(rows, "pgd_linf", flag_rate=True)
+             "## Table I: PGD L2, eps 0.1, step 0.01, 10 steps", ""]
+    head = ["method", "run", "sites", "test scans", "clean acc", "adversarial acc"]
+    lines += table(head, _threat_rows(rows, "pgd_l2", flag_rate=False), align="llrrrr")
+    lines += ["", "## Table II: PGD L-inf, eps 0.015, step 0.003, 7 steps", ""]
+    lines += table([*head, "flag rate (attacked)"], _threat_rows(rows, "pgd_linf", flag_rate=True), align="llrrrrr")
     clinical: dict[str, dict] = {}
     for method, run, r in rows:
         key = method if method not in clinical else f"{method} ({run})"
@@ -493,14 +492,13 @@ def paper_tables(runs: list[str | Path], out: str | Path) -> Path:
     lines += ["", "## Clinician: figures a label-skewed site cannot flatter (PROTOCOL.md rule 8)", "",
               "Clean scans through each system; worst site: the lowest per-site clean accuracy; pooled balanced: "
               "each site's system on every test scan of the run's data, balanced accuracy, mean over sites; "
-              "sensitivity: tumor recall.", "",
-              "| method | run | mean clean acc | worst site clean acc | pooled balanced acc | mean sensitivity | "
-              "PGD L-inf acc | PGD L2 acc | training minutes |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for key, c in clinical.items():
-        minutes = "n/a" if c["train_minutes"] is None else f"{c['train_minutes']:.1f}"
-        lines.append(f"| {key} | `{c['run']}` | {_pct(c['mean_clean'])} | {_pct(c['min_site_clean'])} | "
-                     f"{_pct(c['pooled_balanced'])} | {_pct(c['mean_sensitivity'])} | {_pct(c['pgd_linf'])} | "
-                     f"{_pct(c['pgd_l2'])} | {minutes} |")
+              "sensitivity: tumor recall.", ""]
+    lines += table(["method", "run", "mean clean acc", "worst site clean acc", "pooled balanced acc",
+                    "mean sensitivity", "PGD L-inf acc", "PGD L2 acc", "training minutes"],
+                   [(key, f"`{c['run']}`", _pct(c["mean_clean"]), _pct(c["min_site_clean"]), _pct(c["pooled_balanced"]),
+                     _pct(c["mean_sensitivity"]), _pct(c["pgd_linf"]), _pct(c["pgd_l2"]),
+                     "n/a" if c["train_minutes"] is None else f"{c['train_minutes']:.1f}")
+                    for key, c in clinical.items()], align="ll" + "r" * 7)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     md = out / "tables.md"

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from runtime.markdown import table
 from training import config as cfgmod
 from training.data.datasets import Dataset, load_dataset
 from training.diffusion import GaussianDiffusion, purify, to_diffusion_space, to_pixel_space
@@ -260,8 +261,8 @@ def render_markdown(r: dict) -> str:
         f"- CPU inference {c['inference_ms_per_scan']:.1f} ms per scan (batch 64)",
     ]
     if "acc_by_original_size" in c:
-        lines += ["", "| original size / class | scans | accuracy |", "|---|---:|---:|"]
-        lines += [f"| {k} | {v['n']} | {100 * v['acc']:.2f} % |" for k, v in c["acc_by_original_size"].items()]
+        lines += ["", *table(["original size / class", "scans", "accuracy"],
+                             [(k, v["n"], f"{100 * v['acc']:.2f} %") for k, v in c["acc_by_original_size"].items()])]
     lines += ["", "### Size shortcut (5-fold logistic regression, all splits pooled)", ""]
     if "label_from_original_size" in s:
         lines.append(f"- label from original image size (log h, log w): {100 * s['label_from_original_size']:.1f} %")
@@ -282,19 +283,21 @@ def render_markdown(r: dict) -> str:
         "",
         "## Denoiser (DDPM U-Net), purification of clean test scans",
         "",
-        "| t* | reverse process | scans | denoiser evals / scan | PSNR vs. original | accuracy purified | accuracy clean (same scans) | s / scan |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
+    purification = []
     for k, v in u.items():
         if isinstance(v, dict):
             t_star, how = k.split("_", 1)
-            lines.append(f"| {t_star[1:]} | {how} | {v['n']} | {v['denoiser_evals_per_scan']} | {v['psnr_db_mean']:.2f} dB | "
-                         f"{100 * v['acc_purified']:.2f} % | {100 * v['acc_clean_same_scans']:.2f} % | {v['seconds_per_scan']:.3f} |")
-    lines += ["", "![purification grid](purification_grid.png)", "", "## Wall time per epoch on this machine", "",
-              "| component | epochs | median s / epoch | fastest epoch s | total s |", "|---|---:|---:|---:|---:|"]
-    for k, v in r["wall_time"].items():
-        lines.append(f"| {k} | {v['epochs']} | {v['median_epoch_seconds']:.0f} | {v.get('min_epoch_seconds', float('nan')):.0f} "
-                     f"| {v['total_seconds']:.0f} |")
+            purification.append((t_star[1:], how, v["n"], v["denoiser_evals_per_scan"], f"{v['psnr_db_mean']:.2f} dB",
+                                 f"{100 * v['acc_purified']:.2f} %", f"{100 * v['acc_clean_same_scans']:.2f} %",
+                                 f"{v['seconds_per_scan']:.3f}"))
+    lines += table(["t*", "reverse process", "scans", "denoiser evals / scan", "PSNR vs. original", "accuracy purified",
+                    "accuracy clean (same scans)", "s / scan"], purification, align="rlrrrrrr")
+    lines += ["", "![purification grid](purification_grid.png)", "", "## Wall time per epoch on this machine", ""]
+    lines += table(["component", "epochs", "median s / epoch", "fastest epoch s", "total s"],
+                   [(k, v["epochs"], f"{v['median_epoch_seconds']:.0f}",
+                     f"{v.get('min_epoch_seconds', float('nan')):.0f}", f"{v['total_seconds']:.0f}")
+                    for k, v in r["wall_time"].items()])
     lines += ["", "Epoch times include validation; the fastest epoch is the best estimate of an otherwise idle machine "
               "(other jobs shared the CPU during some epochs)."]
     return "\n".join(lines) + "\n"

@@ -33,6 +33,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
+from runtime.markdown import table
 from training import config as cfgmod
 from training.checkpoint import save_checkpoint
 from training.federated import task
@@ -441,14 +442,13 @@ def _summary_markdown(summary: dict, profile: cfgmod.Profile, plot: Path | None)
     if "phase_seconds" in summary:
         lines += ["Time per phase: " + ", ".join(f"{ph} {sec / 60:.1f} min" for ph, sec in summary["phase_seconds"].items())
                   + f" (total {sum(summary['phase_seconds'].values()) / 60:.1f} min)", ""]
-    lines += ["| site | test scans | clean acc | PGD acc | clean acc (classifier only) | PGD acc (classifier only) | "
-              "balanced acc | sensitivity | pooled balanced acc |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in summary["per_site"]:
-        lines.append(f"| {r['site']} | {r.get('num-examples', 0)} | {_f4(r.get('clean_acc'))} | "
-                     f"{_f4(r.get('pgd_acc'))} | {_f4(r.get('clean_acc_classifier'))} | "
-                     f"{_f4(r.get('pgd_acc_classifier'))} | {_f4(r.get('clean_balanced_acc'))} | "
-                     f"{_f4(r.get('clean_sensitivity'))} | {_f4(r.get('pooled_balanced_acc'))} |")
+    figures = ("clean_acc", "pgd_acc", "clean_acc_classifier", "pgd_acc_classifier", "clean_balanced_acc",
+               "clean_sensitivity", "pooled_balanced_acc")
+    lines += table(["site", "test scans", "clean acc", "PGD acc", "clean acc (classifier only)",
+                    "PGD acc (classifier only)", "balanced acc", "sensitivity", "pooled balanced acc"],
+                   [[r["site"], r.get("num-examples", 0), *(_f4(r.get(k)) for k in figures)]
+                    for r in summary["per_site"]],
+                   align="r" * 9)
     if plot:
         lines += ["", f"![convergence]({plot.name})"]
     return "\n".join(lines) + "\n"
