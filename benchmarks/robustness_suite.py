@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from runtime.markdown import table
+
 
 def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.2f} %"
@@ -31,24 +33,22 @@ def collect(entries: list[tuple[str, Path]], out: Path) -> dict:
     for r in reports.values():
         names += [a["name"] for a in r["attacks"] if a["name"] not in names]
     labels = list(reports)
-    lines = ["# Attack suite: accuracy through the real system (one purification draw; worst of N in brackets)", "",
-             "| | " + " | ".join(f"`{k}`" for k in labels) + " |", "|---|" + "---:|" * len(labels)]
+    runs = list(reports.values())
 
     def cell(d):
         return "" if d is None else f"{_pct(d['robust_acc'])} ({_pct(d['worst_of_n'])}) [{d['scans']}]"
 
-    lines.append("| clean | " + " | ".join(cell(r["clean"]) for r in reports.values()) + " |")
-    for n in names:
-        lines.append(f"| {n} | " + " | ".join(cell(next((a for a in r["attacks"] if a["name"] == n), None))
-                                             for r in reports.values()) + " |")
-    lines.append("| **worst case over the suite** | " + " | ".join(
-        f"**{_pct(r['worst_case']['robust_acc'])}** ({_pct(r['worst_case']['worst_of_n'])}) [{r['worst_case']['scans']}]"
-        for r in reports.values()) + " |")
-    lines.append("| strongest attack | " + " | ".join(r["worst_case"]["strongest"] for r in reports.values()) + " |")
-    lines.append("| defense | " + " | ".join(f"{r['defense'].get('mode', 'adaptive')}, {r['defense'].get('draws', 1)} draw(s), "
-                                            f"t* {r['defense']['t_min']}..{r['defense']['t_max']}" for r in reports.values()) + " |")
-    lines.append("| split, minutes | " + " | ".join(f"{r.get('split', 'test')}, {r['seconds'] / 60:.1f}"
-                                                   for r in reports.values()) + " |")
+    rows = [["clean", *(cell(r["clean"]) for r in runs)]]
+    rows += [[n, *(cell(next((a for a in r["attacks"] if a["name"] == n), None)) for r in runs)] for n in names]
+    rows.append(["**worst case over the suite**", *(f"**{_pct(r['worst_case']['robust_acc'])}** "
+                                                    f"({_pct(r['worst_case']['worst_of_n'])}) [{r['worst_case']['scans']}]"
+                                                    for r in runs)])
+    rows.append(["strongest attack", *(r["worst_case"]["strongest"] for r in runs)])
+    rows.append(["defense", *(f"{r['defense'].get('mode', 'adaptive')}, {r['defense'].get('draws', 1)} draw(s), "
+                              f"t* {r['defense']['t_min']}..{r['defense']['t_max']}" for r in runs)])
+    rows.append(["split, minutes", *(f"{r.get('split', 'test')}, {r['seconds'] / 60:.1f}" for r in runs)])
+    lines = ["# Attack suite: accuracy through the real system (one purification draw; worst of N in brackets)", "",
+             *table(["", *(f"`{k}`" for k in labels)], rows)]
     lines += ["", "Cells: accuracy on one draw (worst of N draws) [scans]."]
     (out / "suite.md").write_text("\n".join(lines) + "\n")
     return reports

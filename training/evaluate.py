@@ -276,12 +276,10 @@ def render_markdown(r: dict, roc: str = "") -> str:
              f"defense {'on' if r['defended'] else 'off (classifier only)'}.", "",
              f"Produced by: `{r['command'] or 'python -m training evaluate --run ' + r['run']}` "
              f"({r['seconds']:.0f} s, torch {r['machine']['torch']}, {r['machine']['threads']} threads)", "",
-             "## Mean over sites (weighted by test scans)", "",
-             "| threat | scans | accuracy | flag rate | detection ROC AUC |", "|---|---:|---:|---:|---:|"]
-    for k, v in r["mean"].items():
-        lines.append(f"| {names.get(k, k)} | {v['n']} | {_pct(v.get('acc'))} | {_pct(v.get('flag_rate'))} | "
-                     f"{v['detection_auc']:.3f} |" if "detection_auc" in v else
-                     f"| {names.get(k, k)} | {v['n']} | {_pct(v.get('acc'))} | {_pct(v.get('flag_rate'))} | |")
+             "## Mean over sites (weighted by test scans)", ""]
+    lines += table(["threat", "scans", "accuracy", "flag rate", "detection ROC AUC"],
+                   [[names.get(k, k), v["n"], _pct(v.get("acc")), _pct(v.get("flag_rate")),
+                     f"{v['detection_auc']:.3f}" if "detection_auc" in v else ""] for k, v in r["mean"].items()])
     lines += ["", "## Per site", ""]
     threats = [k for k in names if any(k in s for s in r["sites"])]
     per_site = []
@@ -680,17 +678,15 @@ def render_suite(r: dict) -> str:
              f"split; {r['scans']} for "
              f"the costly attacks, {r['cheap_scans']} for the classifier-side PGD. Each attacked scan goes through "
              f"the real system {r['suite']['draws']} times with fresh purification noise.", "",
-             "| attack | scans | accuracy (one draw) | worst of N | majority of N | flagged | seconds |",
-             "|---|---:|---:|---:|---:|---:|---:|",
-             f"| clean | {c['scans']} | {_pct(c['robust_acc'])} | {_pct(c['worst_of_n'])} | {_pct(c['majority_of_n'])} | "
-             f"{_pct(c['flag_rate'])} | {c['seconds']:.0f} |"]
-    for a in r["attacks"]:
-        lines.append(f"| {a['name']} | {a['scans']} | {_pct(a['robust_acc'])} | {_pct(a['worst_of_n'])} | "
-                     f"{_pct(a['majority_of_n'])} | {_pct(a['flag_rate'])} | {a['seconds']:.0f} |")
+             ]
+    rows = [[a["name"], a["scans"], _pct(a["robust_acc"]), _pct(a["worst_of_n"]), _pct(a["majority_of_n"]),
+             _pct(a["flag_rate"]), f"{a['seconds']:.0f}"] for a in [{"name": "clean", **c}, *r["attacks"]]]
     w = r["worst_case"]
     if w:
-        lines.append(f"| **worst case over the suite** | {w['scans']} | **{_pct(w['robust_acc'])}** | "
-                     f"**{_pct(w['worst_of_n'])}** | {_pct(w['majority_of_n'])} | | |")
+        rows.append(["**worst case over the suite**", w["scans"], f"**{_pct(w['robust_acc'])}**",
+                     f"**{_pct(w['worst_of_n'])}**", _pct(w["majority_of_n"]), "", ""])
+    lines += table(["attack", "scans", "accuracy (one draw)", "worst of N", "majority of N", "flagged", "seconds"], rows)
+    if w:
         lines += ["", f"Strongest single attack: `{w['strongest']}`. Clean on the same {w['scans']} scans: "
                   f"{_pct(c['same_scans_as_worst_case']['robust_acc'])}."]
     lines += ["", "## Attack parameters", "", "```json", json.dumps({a["name"]: a["params"] for a in r["attacks"]}, indent=1),
