@@ -91,12 +91,14 @@ def test_simulated_medfedpure_run_personalizes_and_resumes(tmp_path, capsys):
         same = torch.equal(a["model"][k], b["model"][k])
         assert same != k.startswith("gates."), k
 
-    # resume: forget the last classifier round; the same command redoes only that round
+    # resume: forget the last classifier round; the same run redoes only that round (the server's saved state
+    # does not depend on the simulation engine: the in-process one resumes what Ray started, without a second
+    # Ray start-up)
     state = json.loads((out / "server/state.json").read_text())
     state["classifier"] = 1
     (out / "server/state.json").write_text(json.dumps(state))
     capsys.readouterr()
-    run_federated(p, "synth:120", out, threads_per_site=1)
+    run_federated(p, "synth:120", out, threads_per_site=1, backend="inprocess")
     log = capsys.readouterr().out
     assert "[classifier] round 2/2" in log
     assert "[classifier] round 1/2" not in log and "[denoiser] round 1/1: training" not in log
