@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parity-scans", type=int, default=64, help="test scans for the parity check (0: all)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle folder")
     p.add_argument("--no-int8", action="store_true", help="do not write the int8 denoiser (denoiser.int8.onnx)")
+    p.add_argument("--no-torch-programs", action="store_true",
+                   help="do not write the .pt2 graphs of the torch engine (ONNX Runtime and TensorRT do not need them)")
     p.add_argument("--defense", action="append", metavar="KEY=VALUE",
                    help="override the run's defense settings in the bundle, e.g. --defense t_min=150,t_max=250,steps=1")
     args = p.parse_args(argv)
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         options = dict(opset=args.opset, parity_scans=args.parity_scans, force=args.force,
-                       defense=defense_overrides(args.defense), int8=not args.no_int8)
+                       defense=defense_overrides(args.defense), int8=not args.no_int8,
+                       torch_programs=not args.no_torch_programs)
         if args.site_state is not None:
             export_deployed_site(args.site_state, args.global_run, args.data_dir, args.out, **options)
         else:

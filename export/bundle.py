@@ -327,8 +327,10 @@ def _site_graphs(s, sites: list, profile: cfgmod.Profile, ood_refusal_rate: floa
     return graphs, ood
 
 
-def _export_graphs(graphs: dict, profile: cfgmod.Profile, tmp: Path, opset: int, log) -> dict[str, Path]:
-    """Write every graph to ``tmp``: ONNX fp32 and fp16 and ``.pt2`` (the ood graph: fp32 only); the files by key."""
+def _export_graphs(graphs: dict, profile: cfgmod.Profile, tmp: Path, opset: int, log,
+                   torch_programs: bool = True) -> dict[str, Path]:
+    """Write every graph to ``tmp``: ONNX fp32 and fp16 (the ood graph: fp32 only) and, with ``torch_programs``,
+    ``.pt2`` for the torch engine; the files by key."""
     size = profile.image_size
     img = torch.rand(2, 1, size, size)
     files: dict[str, Path] = {}
@@ -345,11 +347,13 @@ def _export_graphs(graphs: dict, profile: cfgmod.Profile, tmp: Path, opset: int,
         else:
             _fp16(f32, f16)
         files[f"{name}.fp32"], files[f"{name}.fp16"] = f32, f16
-        files[f"{name}.pt2"] = _torch_export(graphs[name], args, tmp / f"{name}.pt2")
+        if torch_programs:
+            files[f"{name}.pt2"] = _torch_export(graphs[name], args, tmp / f"{name}.pt2")
         log(f"  exported {name}: {f32.stat().st_size / 1e6:.1f} MB fp32, {f16.stat().st_size / 1e6:.1f} MB fp16")
     _export(graphs["ood"], (img,), tmp / "ood.onnx", ["image"], ["score"], opset)
     files["ood.fp32"] = tmp / "ood.onnx"
-    files["ood.pt2"] = _torch_export(graphs["ood"], (img,), tmp / "ood.pt2")
+    if torch_programs:
+        files["ood.pt2"] = _torch_export(graphs["ood"], (img,), tmp / "ood.pt2")
     return files
 
 
@@ -401,13 +405,16 @@ def _sign_and_place(manifest: dict, tmp: Path, out: Path, key_path: Path, signer
 def export_site(run: str | Path, site: int, out: str | Path, *, opset: int = OPSET, parity_scans: int = 64,
                 force: bool = False, log=print, defense: dict | None = None, int8: bool = True,
                 signing_key: str | Path | None = None, signer: str | None = None,
-                ood_refusal_rate: float = OOD_REFUSAL_RATE, provenance: dict | None = None) -> dict:
+                ood_refusal_rate: float = OOD_REFUSAL_RATE, provenance: dict | None = None,
+                torch_programs: bool = True) -> dict:
     """Export site ``site`` of ``run`` to the bundle folder ``out``, signed; returns the manifest.
 
     ``signing_key``: an Ed25519 private key (PEM); by default this machine's
     (``runtime.signing.default_signing_key``), made on first use.
     ``provenance``: entries that replace the manifest's provenance (a site
     exporting from its deployment state names its run and site here).
+    ``torch_programs=False``: no ``.pt2`` graphs (``--engine torch`` then refuses the bundle); ONNX Runtime and
+    TensorRT read the ONNX files only.
     """
     run, out = Path(run), Path(out)
     if opset < 17:
@@ -423,7 +430,7 @@ def export_site(run: str | Path, site: int, out: str | Path, *, opset: int = OPS
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out.parent))
     try:
-        files = _export_graphs(graphs, profile, tmp, opset, log)
+        files = _export_graphs(graphs, profile, tmp, opset, log, torch_programs)
         # the ship gates decide on validation scans; the same figures on test scans are reported beside them
         (images, labels), report = _parity_scans(s, parity_scans)
         parity = _site_parity(graphs, files, images, report[0], log)

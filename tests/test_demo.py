@@ -61,9 +61,18 @@ def test_score_records_on_hand_made_records(tmp_path):
 
 @pytest.mark.slow
 def test_demo_tells_the_story_end_to_end(tiny_demo):
+    from runtime import signing
+    from runtime.bundle import Bundle, BundleError
+    from runtime.torch_engine import TorchEngine
+
     out = tiny_demo
     bundle = out / "bundle-site-0"
     assert (bundle / "manifest.json").exists() and (bundle / "manifest.sig").exists()
+    # the demo's scanner side is ONNX Runtime: no torch programs, and the torch engine says so in one line
+    b = Bundle.load(bundle, trusted=[signing.default_signing_key().with_suffix(".pub")])  # the demo's own key
+    assert not list(bundle.glob("*.pt2")) and not any(f.endswith(".pt2") for f in b.manifest["files"])
+    with pytest.raises(BundleError, match="no classifier.pt2 for the torch engine"):
+        TorchEngine(b)
     files = sorted((out / "heldout-scans").iterdir())
     assert any(f.suffix == ".png" for f in files) and any(f.name.startswith("IM") and not f.suffix for f in files)
     recs = [json.loads(line) for line in (out / "runtime-results.jsonl").read_text().splitlines()]

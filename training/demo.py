@@ -167,7 +167,8 @@ def run_demo(out: str | Path, profile: str = "demo", n: int = 1200, resume: bool
     with phase("export"):
         from export.bundle import export_site
 
-        export_site(out, site, bundle, force=True, int8=False, parity_scans=16, log=lambda *_: None)
+        export_site(out, site, bundle, force=True, int8=False, parity_scans=16, torch_programs=False,
+                    log=lambda *_: None)
         print(f"signed bundle {bundle} (key {pub})")
     scans = out / "heldout-scans"
     with phase("held-out scans as files"):
