@@ -677,8 +677,7 @@ def render_suite(r: dict) -> str:
              f"{r['machine']['threads']} threads). Scans: class-balanced from the pooled {r.get('split', 'test')} "
              f"split; {r['scans']} for "
              f"the costly attacks, {r['cheap_scans']} for the classifier-side PGD. Each attacked scan goes through "
-             f"the real system {r['suite']['draws']} times with fresh purification noise.", "",
-             ]
+             f"the real system {r['suite']['draws']} times with fresh purification noise.", ""]
     rows = [[a["name"], a["scans"], _pct(a["robust_acc"]), _pct(a["worst_of_n"]), _pct(a["majority_of_n"]),
              _pct(a["flag_rate"]), f"{a['seconds']:.0f}"] for a in [{"name": "clean", **c}, *r["attacks"]]]
     w = r["worst_case"]
