@@ -505,3 +505,44 @@ def test_a_recalibrated_run_ends_with_the_sites_pooled_bn_statistics(tmp_path):
     assert expected
     for k, v in expected.items():
         assert torch.allclose(final[k], v, atol=1e-5), k
+
+
+# --------------------------------------------------------------------------- channels-last training
+
+
+def test_channels_last_training_steps_like_the_default_layout_and_hands_back_default_arrays():
+    from training.engine import channels_last
+
+    p = C.PROFILES["tiny"]
+    x, y = torch.rand(4, 1, 32, 32), torch.tensor([0, 1, 1, 0])
+    trained = {}
+    for layout in ("default", "channels_last"):
+        torch.manual_seed(0)
+        model = create_model("classifier", p).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # AdamW's first steps would amplify rounding
+        conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d) and m.in_channels > 1 and m.kernel_size[0] > 1)
+        with channels_last(model, layout == "channels_last"):
+            assert conv.weight.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+            for _ in range(3):
+                optimizer.zero_grad()
+                F.nll_loss(model(x), y).backward()
+                optimizer.step()
+        assert all(v.is_contiguous() for v in model.state_dict().values())
+        trained[layout] = model.state_dict()
+    moved = max(float((trained["default"][k] - v).abs().max()) for k, v in trained["channels_last"].items())
+    assert moved < 1e-4, moved
+    torch.manual_seed(0)
+    start = create_model("classifier", p).state_dict()
+    assert max(float((start[k] - v).abs().max()) for k, v in trained["channels_last"].items()) > 1e-3
+
+
+def test_channels_last_benchmark_prints_both_layouts_and_their_ratio(capsys):
+    from benchmarks.channels_last import main
+
+    assert main(["--profile", "tiny", "--steps", "1", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| classifier | 8 | 32 |" in out and "| denoiser |" in out
+    ratios = [float(line.rsplit("|", 2)[1]) for line in out.splitlines() if line.startswith("| classifier")
+              or line.startswith("| denoiser")]
+    assert len(ratios) == 2 and all(r > 0 for r in ratios)
+    assert main(["--steps", "0"]) == 2

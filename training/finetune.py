@@ -39,7 +39,7 @@ from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data.augment import Augment
 from training.data.datasets import Split
 from training.diffusion import GaussianDiffusion, purify
-from training.engine import batches, cosine_lr, make_optimizer, train_one_epoch
+from training.engine import batches, channels_last, cosine_lr, make_optimizer, train_one_epoch
 from training.models import create_model
 from training.objectives import AdversarialObjective, PurifiedAugmentObjective, make_objective
 
@@ -133,11 +133,12 @@ def _finetune_epochs(model, objective, denoiser, diffusion, data, profile: cfgmo
     _save_best(cdir, model, profile, data, history[0], 0, 0, best, history)
     for epoch in range(epochs):
         t0 = time.perf_counter()
-        stats = train_one_epoch(
-            model, batches(train.images, train.labels, opt_cfg.batch_size, True, generator, drop_last=True),
-            objective, optimizer, generator=generator, augment=Augment(), lr_at=lr_at, start_step=step,
-            grad_clip=opt_cfg.grad_clip, desc=f"finetune {epoch + 1}/{epochs}", progress=progress,
-        )
+        with channels_last(model):
+            stats = train_one_epoch(
+                model, batches(train.images, train.labels, opt_cfg.batch_size, True, generator, drop_last=True),
+                objective, optimizer, generator=generator, augment=Augment(), lr_at=lr_at, start_step=step,
+                grad_clip=opt_cfg.grad_clip, desc=f"finetune {epoch + 1}/{epochs}", progress=progress,
+            )
         step += stats["steps"]
         row = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in stats.items()},
                **purified_val_accuracy(model, denoiser, diffusion, val, t_val, steps),

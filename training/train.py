@@ -23,7 +23,7 @@ from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data.augment import Augment
 from training.data.datasets import Dataset, Split
 from training.diffusion import GaussianDiffusion
-from training.engine import batches, cosine_lr, make_optimizer, predict, train_one_epoch
+from training.engine import batches, channels_last, cosine_lr, make_optimizer, predict, train_one_epoch
 from training.models import create_model
 from training.models.mae import complementary_masks
 from training.objectives import DenoiserObjective, make_objective
@@ -144,11 +144,12 @@ def train_component(
     log(f"[{component}] {profile.name} profile, {n_params / 1e6:.2f} M parameters, {len(train)} train / {len(val)} val scans")
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
-        stats = train_one_epoch(
-            model, batches(train.images, train.labels, opt_cfg.batch_size, True, generator, drop_last=True),
-            objective, optimizer, generator=generator, augment=augment, lr_at=lr_at, start_step=step,
-            grad_clip=opt_cfg.grad_clip, desc=f"{component} {epoch + 1}/{epochs}", progress=progress,
-        )
+        with channels_last(model, component == "classifier"):
+            stats = train_one_epoch(
+                model, batches(train.images, train.labels, opt_cfg.batch_size, True, generator, drop_last=True),
+                objective, optimizer, generator=generator, augment=augment, lr_at=lr_at, start_step=step,
+                grad_clip=opt_cfg.grad_clip, desc=f"{component} {epoch + 1}/{epochs}", progress=progress,
+            )
         step += stats["steps"]
         row = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in stats.items()}, "train_seconds": stats["seconds"]}
         if (epoch + 1) % opt_cfg.eval_every == 0 or epoch + 1 == epochs:

@@ -41,7 +41,7 @@ from training.data.datasets import SPLITS, Dataset, Split, load_dataset
 from training.data.partition import class_shares, partition, partition_like
 from training.defense import DefensePipeline, calibrate_tau, detection_scores
 from training.diffusion import GaussianDiffusion
-from training.engine import batches, cosine_lr, make_optimizer, train_one_epoch
+from training.engine import batches, channels_last, cosine_lr, make_optimizer, train_one_epoch
 from training.metrics import balanced_accuracy, positive_class, sensitivity
 from training.models import create_model
 from training.models.moe import site_local_keys
@@ -313,7 +313,8 @@ def local_train(
     sums: dict[str, float] = {}
     step, seen = start, 0
     warmup = phase == "classifier" and server_round <= fed.gate_warmup_rounds and hasattr(model, "uniform_mixing")
-    with model.uniform_mixing() if warmup else contextlib.nullcontext():  # gate warm-up: the gates left as they are
+    # gate warm-up: the gates left as they are
+    with model.uniform_mixing() if warmup else contextlib.nullcontext(), channels_last(model, phase == "classifier"):
         for epoch in range(epochs):
             stats = train_one_epoch(
                 model, batches(train.images, train.labels, bs, True, generator, drop_last=True),
