@@ -23,7 +23,14 @@ from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data.augment import Augment
 from training.data.datasets import Dataset, Split
 from training.diffusion import GaussianDiffusion
-from training.engine import batches, channels_last, cosine_lr, make_optimizer, predict, train_one_epoch
+from training.engine import (
+    batches,
+    channels_last,
+    cosine_lr,
+    make_optimizer,
+    predict,
+    train_one_epoch,
+)
 from training.models import create_model
 from training.models.mae import complementary_masks
 from training.objectives import DenoiserObjective, make_objective
