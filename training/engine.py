@@ -53,8 +53,8 @@ def cosine_lr(step: int, total: int, warmup: int, base_lr: float) -> float:
 def channels_last(model: nn.Module, enabled: bool = True):
     """Train ``model``'s convolutions in the channels-last layout, and hand it back in the default one.
 
-    oneDNN's channels-last kernels take about 0.6x the time of a classifier
-    training step on this project's CPUs (``benchmarks/channels_last.py``);
+    oneDNN's channels-last kernels take 0.73x the time of an edge classifier
+    training step on one core (0.76x for the demo's; ``benchmarks/channels_last.py``);
     the U-Net denoiser does not gain, so callers enable it for the classifier.
     Checkpoints and the arrays a site sends are written in the default layout.
     """
