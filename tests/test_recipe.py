@@ -546,3 +546,45 @@ def test_channels_last_benchmark_prints_both_layouts_and_their_ratio(capsys):
               or line.startswith("| denoiser")]
     assert len(ratios) == 2 and all(r > 0 for r in ratios)
     assert main(["--steps", "0"]) == 2
+
+
+# --------------------------------------------------------------------------- gate load balancing
+
+
+def test_gate_imbalance_is_zero_for_a_balanced_batch_and_log_k_for_one_expert():
+    from training.objectives import gate_imbalance
+
+    # per scan one-hot, but the batch uses the three experts equally: balanced
+    assert float(gate_imbalance(torch.eye(3).repeat(2, 1))) == pytest.approx(0.0, abs=1e-6)
+    assert float(gate_imbalance(torch.full((5, 3), 1 / 3))) == pytest.approx(0.0, abs=1e-6)
+    collapsed = torch.tensor([[1.0, 0.0, 0.0]] * 4)
+    assert float(gate_imbalance(collapsed)) == pytest.approx(math.log(3), abs=1e-6)
+    half = torch.tensor([[0.5, 0.5, 0.0]] * 4)
+    assert float(gate_imbalance(half)) == pytest.approx(math.log(3) - math.log(2), abs=1e-6)
+
+
+def test_gate_balance_term_is_added_and_its_gradient_spreads_a_collapsed_site_over_the_experts():
+    p = C.resolve("tiny", {"classifier": {"gate_balance": 0.5}})
+    assert task.classifier_objective(p, None).balance == 0.5
+    assert task.classifier_objective(C.get_profile("tiny"), None).balance == 0.0
+    with pytest.raises(C.UsageError, match="gate_balance"):
+        C.resolve("tiny", {"classifier": {"gate_balance": -1.0}})
+    torch.manual_seed(0)
+    model = create_model("classifier", p).eval()
+    x, y = torch.rand(8, 1, 32, 32), torch.tensor([0, 1] * 4)
+    with torch.no_grad():  # a site whose gates send every scan to expert 0
+        for k, g in enumerate(model.gates):
+            g[-1].bias.fill_(2.0 if k == 0 else -2.0)
+    c = p.classifier
+    plain, _ = ClassifierObjective(c.beta, c.gamma)(model, x, y, None)
+    balanced, stats = ClassifierObjective(c.beta, c.gamma, balance=0.5)(model, x, y, None)
+    assert stats["gate_imbalance"] > 0.8  # log 3 = 1.10 when fully collapsed
+    torch.testing.assert_close(balanced.detach(), plain.detach() + 0.5 * stats["gate_imbalance"])
+    # gate-only steps on the term: the batch's mean gate moves towards uniform
+    opt = torch.optim.SGD(model.gates.parameters(), lr=1.0)
+    for _ in range(20):
+        opt.zero_grad()
+        ClassifierObjective(0.0, 0.0, balance=1.0)(model, x, y, None)[0].backward()
+        opt.step()
+    _, after = ClassifierObjective(c.beta, c.gamma, balance=0.5)(model, x, y, None)
+    assert after["gate_imbalance"] < 0.5 * stats["gate_imbalance"]

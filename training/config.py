@@ -71,6 +71,9 @@ class ClassifierConfig:
     ``logit_adjust`` * log(class prior of the training scans), so a site that
     holds (almost) one class does not push the shared experts towards it;
     prediction uses the unadjusted mixture.
+    ``gate_balance`` > 0 adds ``gate_balance`` * (log K - H(batch-mean gate)):
+    a load-balancing term that keeps every expert in use at every site (the
+    entropy term acts per scan and lets a site route all its scans to one expert).
     """
 
     backbone: str = "resnet18"
@@ -85,6 +88,7 @@ class ClassifierConfig:
     norm: str = "batch"
     norm_groups: int = 8
     logit_adjust: float = 0.0
+    gate_balance: float = 0.0
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self):
@@ -94,6 +98,8 @@ class ClassifierConfig:
             raise UsageError(f"classifier norm_groups must be >= 1, got {self.norm_groups}")
         if self.logit_adjust < 0:
             raise UsageError(f"classifier logit_adjust must be >= 0, got {self.logit_adjust}")
+        if self.gate_balance < 0:
+            raise UsageError(f"classifier gate_balance must be >= 0, got {self.gate_balance}")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ a step is exactly reproducible.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,21 +25,34 @@ def gate_l2(model: MixtureOfExperts) -> torch.Tensor:
     return sum(p.pow(2).sum() for p in model.gates.parameters())
 
 
+def gate_imbalance(w: torch.Tensor) -> torch.Tensor:
+    """log K - H(mean gate over the batch): 0 when the batch uses every expert equally, log K when one expert takes all."""
+    mean = w.mean(0)
+    return math.log(w.shape[1]) + (mean * mean.clamp_min(1e-12).log()).sum()
+
+
 def moe_loss(model: MixtureOfExperts, x: torch.Tensor, y: torch.Tensor, beta: float, gamma: float,
-             log_prior: torch.Tensor | None = None):
+             log_prior: torch.Tensor | None = None, balance: float = 0.0):
     """Paper Eq. 9: CE of the mixture + beta * L2(gate params) + gamma * entropy(gate weights).
 
     ``log_prior`` ([C], already scaled by the adjustment strength): logit
     adjustment -- the cross-entropy is taken on ``log_probs + log_prior``.
+    ``balance`` > 0 adds ``balance`` * :func:`gate_imbalance` (a load-balancing
+    term: the entropy term acts per scan, this one on the batch's mean gate, so a
+    site keeps every expert in use and every expert keeps learning from it).
     """
     out = model.forward_all(x)
     logits = out["log_probs"] if log_prior is None else out["log_probs"] + log_prior.to(x.device)
     ce = F.cross_entropy(logits, y)
     w = out["gate_weights"]
     entropy = -(w * w.clamp_min(1e-12).log()).sum(1).mean()
+    imbalance = gate_imbalance(w)
     loss = ce + beta * gate_l2(model) + gamma * entropy
+    if balance > 0:
+        loss = loss + balance * imbalance
     acc = (out["log_probs"].argmax(1) == y).float().mean()
-    return loss, {"ce": ce.item(), "gate_entropy": entropy.item(), "acc": acc.item()}
+    return loss, {"ce": ce.item(), "gate_entropy": entropy.item(), "gate_imbalance": imbalance.item(),
+                  "acc": acc.item()}
 
 
 def mae_loss(model: MaskedAutoencoder, x: torch.Tensor, mask: torch.Tensor):
@@ -60,9 +74,10 @@ class ClassifierObjective:
     beta: float
     gamma: float
     log_prior: torch.Tensor | None = None
+    balance: float = 0.0
 
     def __call__(self, model, x, y, generator):
-        return moe_loss(model, x, y, self.beta, self.gamma, self.log_prior)
+        return moe_loss(model, x, y, self.beta, self.gamma, self.log_prior, self.balance)
 
 
 def adjusted_log_prior(labels, num_classes: int, strength: float) -> torch.Tensor | None:
@@ -108,7 +123,8 @@ class DenoiserObjective:
 
 def make_objective(component: str, profile):
     if component == "classifier":
-        return ClassifierObjective(profile.classifier.beta, profile.classifier.gamma)
+        c = profile.classifier
+        return ClassifierObjective(c.beta, c.gamma, balance=c.gate_balance)
     if component == "detector":
         return DetectorObjective(profile.detector.mask_ratio)
     if component == "denoiser":

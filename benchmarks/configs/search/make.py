@@ -29,6 +29,8 @@ RECIPES = {
                         "federated": {"server_opt": "fedavgm", "server_momentum": 0.5, "gate_warmup_rounds": 5}},
     "la-avgm-bs8-bn": {"classifier": {"logit_adjust": 1.0}, "classifier.optim": {"batch_size": 8},
                        "federated": {"server_opt": "fedavgm", "server_momentum": 0.5, "bn_recalibrate": True}},
+    "la-avgm-bs8-gb": {"classifier": {"logit_adjust": 1.0, "gate_balance": 0.1}, "classifier.optim": {"batch_size": 8},
+                       "federated": {"server_opt": "fedavgm", "server_momentum": 0.5}},
     "la-prox": {"classifier": {"logit_adjust": 1.0}, "federated": {"proximal_mu": 0.01}},
 }
 
