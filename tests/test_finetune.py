@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from training import config as C
-from training.diffusion import GaussianDiffusion
+from training.diffusion import GaussianDiffusion, purify
 from training.finetune import PurifiedAugmentObjective
 from training.models import create_model
+from training.objectives import AdversarialObjective, PurifiedClassifier
 
 
 def test_purified_augment_replaces_the_chosen_fraction():
@@ -31,6 +32,48 @@ def test_purified_augment_replaces_the_chosen_fraction():
     assert torch.equal(seen["x"], x)
 
 
+def test_purified_classifier_is_the_classifier_after_purification_with_a_fresh_draw_per_call():
+    p = C.get_profile("tiny")
+    torch.manual_seed(0)
+    clf, den = create_model("classifier", p).eval(), create_model("denoiser", p).eval()
+    diff = GaussianDiffusion.from_config(p.denoiser)
+    x = torch.rand(4, 1, 32, 32)
+    wrapped = PurifiedClassifier(clf, den, diff, 50, 60, 1, torch.Generator().manual_seed(3))
+    out = wrapped(x)
+    g = torch.Generator().manual_seed(3)  # the same draws by hand: t*, then the forward noise
+    t = int(torch.randint(50, 61, (1,), generator=g))
+    torch.testing.assert_close(out, clf(purify(den, diff, x, t, 1, None, g)))
+    assert not torch.allclose(wrapped(x), out)  # the next call draws new noise
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(wrapped(xg).sum(), xg)
+    assert grad.abs().sum() > 0  # exact gradient through the denoiser to the scan
+
+
+def test_adversarial_examples_through_the_purifier_stay_in_budget_and_differ_from_classifier_only_ones():
+    p = C.get_profile("tiny")
+    torch.manual_seed(0)
+    clf, den = create_model("classifier", p), create_model("denoiser", p).eval().requires_grad_(False)
+    diff = GaussianDiffusion.from_config(p.denoiser)
+    seen = {}
+
+    def base(model, x, y, g):
+        seen["x"] = x
+        return torch.zeros(()), {}
+
+    attack = C.AttackConfig(eps=0.015, step=0.006, steps=3)
+    x, y = torch.rand(8, 1, 32, 32), torch.tensor([0, 1] * 4)
+    AdversarialObjective(base, attack, 0.5)(clf, x, y, torch.Generator().manual_seed(0))
+    plain = seen["x"]
+    AdversarialObjective(base, attack, 0.5, (den, diff, 50, 60, 1))(clf, x, y, torch.Generator().manual_seed(0))
+    through = seen["x"]
+    for adv in (plain, through):
+        d = (adv - x).flatten(1).abs().amax(1)
+        assert int((d > 0).sum()) == 4 and float(d.max()) <= 0.015 + 1e-6
+        assert adv.min() >= 0 and adv.max() <= 1
+    assert not torch.allclose(plain, through)
+    assert clf.training  # the objective hands the model back in training mode
+
+
 @pytest.mark.slow
 def test_finetune_writes_an_evaluable_run(tiny_run, tmp_path):
     from training.cli import main
@@ -46,6 +89,12 @@ def test_finetune_writes_an_evaluable_run(tiny_run, tmp_path):
     assert meta["defense"]["t_min"] == 60 and meta["adv_fraction"] == 0.5
     profile, sites, info = load_sites(out)
     assert profile.defense.t_max == 80 and sites[0].pipe is not None
+    assert meta["through_purifier"] is False
+    through = tmp_path / "ft-through"
+    assert main(["finetune", "--run", str(tiny_run), "--out", str(through), "--epochs", "1", "--through-purifier",
+                 "--defense", "t_min=60,t_max=80,steps=1", "--quiet"]) == 0
+    assert json.loads((through / "finetune.json").read_text())["through_purifier"] is True
+    assert (through / "classifier" / "best.pt").exists()
     # refuses to overwrite, and to fine-tune a run that is not there
     assert main(["finetune", "--run", str(tiny_run), "--out", str(out), "--quiet"]) == 2
     assert main(["finetune", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "x"), "--quiet"]) == 2

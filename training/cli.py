@@ -180,8 +180,8 @@ def cmd_finetune(args) -> int:
     attack = cfgmod.AttackConfig(eps=args.attack_eps, step=args.attack_step, steps=args.attack_steps)
     res = finetune_classifier(args.run, args.out, epochs=args.epochs, lr_scale=args.lr_scale,
                               adv_fraction=args.adv_fraction, purify_fraction=args.purify_fraction, attack=attack,
-                              defense=cfgmod.defense_overrides(args.defense), source=args.data,
-                              progress=not args.quiet)
+                              defense=cfgmod.defense_overrides(args.defense),
+                              through_purifier=args.through_purifier, source=args.data, progress=not args.quiet)
     print(f"fine-tuned classifier in {res['out']}/classifier (best clean + purified val accuracy "
           f"{res['best_val_score']:.4f}); evaluate it with: python -m training evaluate --run {res['out']}")
     return 0
@@ -332,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--attack-eps", type=float, default=0.015)
     ft.add_argument("--attack-step", type=float, default=0.006)
     ft.add_argument("--attack-steps", type=int, default=3)
+    ft.add_argument("--through-purifier", action="store_true",
+                    help="craft the PGD examples through the purification (exact gradients, fresh noise per step): "
+                         "an attacker who knows the purifier")
     ft.add_argument("--defense", action="append", metavar="KEY=VALUE", help="defense settings (t* range, steps) to train for")
     ft.add_argument("--no-cache", action="store_true", help="do not read or write the preprocessed-scan cache (~/.cache/medfedpure)")
     ft.add_argument("--quiet", action="store_true")

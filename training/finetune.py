@@ -158,7 +158,8 @@ def _finetune_epochs(model, objective, denoiser, diffusion, data, profile: cfgmo
 def finetune_classifier(run: str | Path, out: str | Path, *, epochs: int = 3, lr_scale: float = 0.25,
                         adv_fraction: float = 0.5, purify_fraction: float = 0.5,
                         attack: cfgmod.AttackConfig | None = None, defense: dict | None = None,
-                        source: str | None = None, progress: bool = True, log=print) -> dict:
+                        through_purifier: bool = False, source: str | None = None, progress: bool = True,
+                        log=print) -> dict:
     from training.federated import task
     from training.runs import read_source
 
@@ -174,11 +175,12 @@ def finetune_classifier(run: str | Path, out: str | Path, *, epochs: int = 3, lr
     objective = make_objective("classifier", profile)
     objective = PurifiedAugmentObjective(objective, denoiser, diffusion, purify_fraction, d.t_min, d.t_max, d.steps)
     if adv_fraction > 0:
-        objective = AdversarialObjective(objective, attack, adv_fraction)
+        through = (denoiser, diffusion, d.t_min, d.t_max, d.steps) if through_purifier else None
+        objective = AdversarialObjective(objective, attack, adv_fraction, through)
 
     cdir = _start_run_folder(run, out, profile, {
         "from_run": str(run), "epochs": epochs, "lr_scale": lr_scale, "adv_fraction": adv_fraction,
-        "purify_fraction": purify_fraction, "attack": asdict(attack),
+        "purify_fraction": purify_fraction, "attack": asdict(attack), "through_purifier": through_purifier,
         "defense": cfgmod.to_dict(profile)["defense"], "selection": f"clean + purified (t={t_val}) val accuracy",
     })
     before, best, history = _finetune_epochs(model, objective, denoiser, diffusion, data, profile, cdir, epochs=epochs,

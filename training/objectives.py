@@ -137,13 +137,33 @@ def make_objective(component: str, profile):
 # Each takes the batch, changes what the model trains on, and hands it to ``base``.
 
 
+class PurifiedClassifier(nn.Module):
+    """``classifier(purify(x))``: t* uniform in ``[t_min, t_max]`` and fresh noise at every call, differentiated
+    exactly through the (frozen) denoiser -- what an attacker who knows the purifier attacks."""
+
+    def __init__(self, classifier: nn.Module, denoiser: nn.Module, diffusion: GaussianDiffusion, t_min: int,
+                 t_max: int, steps: int, generator: torch.Generator | None = None):
+        super().__init__()
+        self.classifier, self.denoiser, self.diffusion = classifier, denoiser, diffusion
+        self.t_min, self.t_max, self.steps, self.generator = t_min, t_max, steps, generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = int(torch.randint(self.t_min, self.t_max + 1, (1,), generator=self.generator))
+        return self.classifier(purify(self.denoiser, self.diffusion, x, t, self.steps or None, None, self.generator))
+
+
 @dataclass
 class AdversarialObjective:
-    """PGD examples for a random fraction of each batch, crafted on the current model (eval mode)."""
+    """PGD examples for a random fraction of each batch, crafted on the current model (eval mode).
+
+    ``through``: a purifier ``(denoiser, diffusion, t_min, t_max, steps)``; the examples are then crafted on
+    :class:`PurifiedClassifier` -- through the purification, exact gradients, fresh noise at every step.
+    """
 
     base: object
     attack: cfgmod.AttackConfig
     fraction: float
+    through: tuple | None = None
 
     def __call__(self, model, x, y, generator):
         n_adv = int(round(self.fraction * x.shape[0]))
@@ -151,7 +171,8 @@ class AdversarialObjective:
             idx = torch.randperm(x.shape[0], generator=generator)[:n_adv]
             was_training = model.training
             model.eval()
-            x_adv = pgd(model, x[idx], y[idx], self.attack, generator)
+            target = model if self.through is None else PurifiedClassifier(model, *self.through, generator=generator)
+            x_adv = pgd(target, x[idx], y[idx], self.attack, generator)
             model.train(was_training)
             x = x.clone()
             x[idx] = x_adv
