@@ -98,3 +98,20 @@ def test_finetune_writes_an_evaluable_run(tiny_run, tmp_path):
     # refuses to overwrite, and to fine-tune a run that is not there
     assert main(["finetune", "--run", str(tiny_run), "--out", str(out), "--quiet"]) == 2
     assert main(["finetune", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "x"), "--quiet"]) == 2
+
+
+def test_selection_score_is_the_purified_accuracy_when_every_scan_is_purified():
+    from training.data.datasets import Split
+    from training.finetune import purified_val_accuracy
+
+    p = C.get_profile("tiny")
+    torch.manual_seed(0)
+    clf, den = create_model("classifier", p).eval(), create_model("denoiser", p).eval()
+    diff = GaussianDiffusion.from_config(p.denoiser)
+    g = torch.Generator().manual_seed(1)
+    split = Split(images=torch.rand(12, 32, 32, generator=g).numpy(), labels=torch.tensor([0, 1] * 6).numpy(),
+                  groups=torch.arange(12).numpy(), paths=[f"s{i}" for i in range(12)])
+    both = purified_val_accuracy(clf, den, diff, split, 50, 1)
+    only = purified_val_accuracy(clf, den, diff, split, 50, 1, purified_only=True)
+    assert both["val_score"] == pytest.approx(0.5 * (both["val_acc"] + both["val_acc_purified"]))
+    assert only["val_score"] == only["val_acc_purified"] == both["val_acc_purified"]

@@ -182,7 +182,7 @@ def cmd_finetune(args) -> int:
                               adv_fraction=args.adv_fraction, purify_fraction=args.purify_fraction, attack=attack,
                               defense=cfgmod.defense_overrides(args.defense),
                               through_purifier=args.through_purifier, source=args.data, progress=not args.quiet)
-    print(f"fine-tuned classifier in {res['out']}/classifier (best clean + purified val accuracy "
+    print(f"fine-tuned classifier in {res['out']}/classifier (best validation score "
           f"{res['best_val_score']:.4f}); evaluate it with: python -m training evaluate --run {res['out']}")
     return 0
 

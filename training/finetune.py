@@ -13,8 +13,15 @@ classifier, in every batch,
 
 so that what the pipeline feeds it after purification is in its training
 distribution. Only training scans are used; the checkpoint is chosen on
-clean validation accuracy through the same purification (every validation
-scan purified at the middle of the t* range, fixed noise), never on test.
+validation scans, never on test: the mean of clean accuracy and accuracy
+through the same purification (every validation scan purified at the middle
+of the t* range, fixed noise), or the purified accuracy alone when the
+defense purifies every scan (``mode = "always"``).
+
+``--through-purifier`` crafts the PGD examples through the purification
+itself (:class:`training.objectives.PurifiedClassifier`: exact gradients
+through the denoiser, a fresh t* and noise at every step), i.e. against an
+attacker who knows the purifier, instead of on the classifier alone.
 
 ``python -m training finetune --run RUN --out RUN2 [--epochs 3] [--defense KEY=VALUE]``
 writes a new run folder: the fine-tuned classifier, the same detector and
@@ -45,8 +52,13 @@ from training.objectives import AdversarialObjective, PurifiedAugmentObjective, 
 
 
 @torch.no_grad()
-def purified_val_accuracy(model, denoiser, diffusion, split: Split, t: int, steps: int, batch_size: int = 64) -> dict:
-    """Clean and purified (all scans at ``t``, fixed noise) validation accuracy."""
+def purified_val_accuracy(model, denoiser, diffusion, split: Split, t: int, steps: int, batch_size: int = 64,
+                          purified_only: bool = False) -> dict:
+    """Clean and purified (all scans at ``t``, fixed noise) validation accuracy.
+
+    ``val_score``, the selection figure: their mean, or the purified accuracy alone when ``purified_only`` (a
+    defense that purifies every scan never shows the classifier an unpurified one).
+    """
     model.eval()
     g = torch.Generator().manual_seed(0)
     hits_clean = hits_pur = 0
@@ -58,7 +70,7 @@ def purified_val_accuracy(model, denoiser, diffusion, split: Split, t: int, step
         hits_pur += int((model(xp).argmax(1) == y).sum())
     n = max(len(split), 1)
     return {"val_acc": hits_clean / n, "val_acc_purified": hits_pur / n,
-            "val_score": 0.5 * (hits_clean + hits_pur) / n}
+            "val_score": hits_pur / n if purified_only else 0.5 * (hits_clean + hits_pur) / n}
 
 
 def _checked_profile(run: Path, out: Path, defense: dict | None, epochs: int, adv_fraction: float,
@@ -127,7 +139,8 @@ def _finetune_epochs(model, objective, denoiser, diffusion, data, profile: cfgmo
     def lr_at(step: int) -> float:
         return cosine_lr(step, total, 0, lr)
 
-    before = purified_val_accuracy(model, denoiser, diffusion, val, t_val, steps)
+    purified_only = profile.defense.mode == "always"
+    before = purified_val_accuracy(model, denoiser, diffusion, val, t_val, steps, purified_only=purified_only)
     log(f"[finetune] before: val clean {before['val_acc']:.4f}, purified at t={t_val} {before['val_acc_purified']:.4f}")
     best, step, history = before["val_score"], 0, [{"epoch": 0, **before}]
     _save_best(cdir, model, profile, data, history[0], 0, 0, best, history)
@@ -141,7 +154,7 @@ def _finetune_epochs(model, objective, denoiser, diffusion, data, profile: cfgmo
             )
         step += stats["steps"]
         row = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in stats.items()},
-               **purified_val_accuracy(model, denoiser, diffusion, val, t_val, steps),
+               **purified_val_accuracy(model, denoiser, diffusion, val, t_val, steps, purified_only=purified_only),
                "epoch_seconds": time.perf_counter() - t0}
         history.append(row)
         with open(cdir / "history.jsonl", "a") as fh:
@@ -181,7 +194,8 @@ def finetune_classifier(run: str | Path, out: str | Path, *, epochs: int = 3, lr
     cdir = _start_run_folder(run, out, profile, {
         "from_run": str(run), "epochs": epochs, "lr_scale": lr_scale, "adv_fraction": adv_fraction,
         "purify_fraction": purify_fraction, "attack": asdict(attack), "through_purifier": through_purifier,
-        "defense": cfgmod.to_dict(profile)["defense"], "selection": f"clean + purified (t={t_val}) val accuracy",
+        "defense": cfgmod.to_dict(profile)["defense"], "selection": (f"purified (t={t_val}) val accuracy" if profile.defense.mode == "always"
+                      else f"clean + purified (t={t_val}) val accuracy"),
     })
     before, best, history = _finetune_epochs(model, objective, denoiser, diffusion, data, profile, cdir, epochs=epochs,
                                              lr_scale=lr_scale, t_val=t_val, progress=progress, log=log)
