@@ -92,9 +92,11 @@ def test_finetune_writes_an_evaluable_run(tiny_run, tmp_path):
     assert meta["through_purifier"] is False
     through = tmp_path / "ft-through"
     assert main(["finetune", "--run", str(tiny_run), "--out", str(through), "--epochs", "1", "--through-purifier",
-                 "--defense", "t_min=60,t_max=80,steps=1", "--quiet"]) == 0
-    assert json.loads((through / "finetune.json").read_text())["through_purifier"] is True
-    assert (through / "classifier" / "best.pt").exists()
+                 "--keep", "last", "--defense", "t_min=60,t_max=80,steps=1", "--quiet"]) == 0
+    meta = json.loads((through / "finetune.json").read_text())
+    assert meta["through_purifier"] is True and meta["keep"] == "last"
+    from training.checkpoint import load_checkpoint
+    assert load_checkpoint(through / "classifier" / "best.pt")["epoch"] == 1  # the last epoch, whatever its score
     # refuses to overwrite, and to fine-tune a run that is not there
     assert main(["finetune", "--run", str(tiny_run), "--out", str(out), "--quiet"]) == 2
     assert main(["finetune", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "x"), "--quiet"]) == 2

@@ -181,7 +181,8 @@ def cmd_finetune(args) -> int:
     res = finetune_classifier(args.run, args.out, epochs=args.epochs, lr_scale=args.lr_scale,
                               adv_fraction=args.adv_fraction, purify_fraction=args.purify_fraction, attack=attack,
                               defense=cfgmod.defense_overrides(args.defense),
-                              through_purifier=args.through_purifier, source=args.data, progress=not args.quiet)
+                              through_purifier=args.through_purifier, keep=args.keep, source=args.data,
+                              progress=not args.quiet)
     print(f"fine-tuned classifier in {res['out']}/classifier (best validation score "
           f"{res['best_val_score']:.4f}); evaluate it with: python -m training evaluate --run {res['out']}")
     return 0
@@ -335,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--through-purifier", action="store_true",
                     help="craft the PGD examples through the purification (exact gradients, fresh noise per step): "
                          "an attacker who knows the purifier")
+    ft.add_argument("--keep", choices=("best", "last"), default="best",
+                    help="the checkpoint kept: best on purified validation accuracy, or the last epoch's "
+                         "(to choose afterwards on the validation attack suite)")
     ft.add_argument("--defense", action="append", metavar="KEY=VALUE", help="defense settings (t* range, steps) to train for")
     ft.add_argument("--no-cache", action="store_true", help="do not read or write the preprocessed-scan cache (~/.cache/medfedpure)")
     ft.add_argument("--quiet", action="store_true")

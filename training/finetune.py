@@ -16,7 +16,9 @@ distribution. Only training scans are used; the checkpoint is chosen on
 validation scans, never on test: the mean of clean accuracy and accuracy
 through the same purification (every validation scan purified at the middle
 of the t* range, fixed noise), or the purified accuracy alone when the
-defense purifies every scan (``mode = "always"``).
+defense purifies every scan (``mode = "always"``). ``--keep last`` keeps the
+last epoch instead, for a choice made afterwards on validation scans by
+another measure (the attack suite's, ``evaluate --threat suite --split val``).
 
 ``--through-purifier`` crafts the PGD examples through the purification
 itself (:class:`training.objectives.PurifiedClassifier`: exact gradients
@@ -127,8 +129,10 @@ def _save_best(cdir: Path, model, profile: cfgmod.Profile, data, row: dict, epoc
 
 
 def _finetune_epochs(model, objective, denoiser, diffusion, data, profile: cfgmod.Profile, cdir: Path, *,
-                     epochs: int, lr_scale: float, t_val: int, progress: bool, log) -> tuple[dict, float, list]:
-    """Fine-tune for ``epochs``, keeping the best on purified validation; (before, best score, history)."""
+                     epochs: int, lr_scale: float, t_val: int, progress: bool, log,
+                     keep: str = "best") -> tuple[dict, float, list]:
+    """Fine-tune for ``epochs``, keeping the best on purified validation (or the last epoch's, ``keep="last"``);
+    (before, kept score, history)."""
     train, val, steps = data["train"], data["val"], profile.defense.steps
     opt_cfg = profile.classifier.optim
     lr = opt_cfg.lr * lr_scale
@@ -159,7 +163,7 @@ def _finetune_epochs(model, objective, denoiser, diffusion, data, profile: cfgmo
         history.append(row)
         with open(cdir / "history.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
-        improved = row["val_score"] > best
+        improved = row["val_score"] > best or keep == "last"
         if improved:
             best = row["val_score"]
             _save_best(cdir, model, profile, data, row, epoch + 1, step, best, history)
@@ -171,13 +175,16 @@ def _finetune_epochs(model, objective, denoiser, diffusion, data, profile: cfgmo
 def finetune_classifier(run: str | Path, out: str | Path, *, epochs: int = 3, lr_scale: float = 0.25,
                         adv_fraction: float = 0.5, purify_fraction: float = 0.5,
                         attack: cfgmod.AttackConfig | None = None, defense: dict | None = None,
-                        through_purifier: bool = False, source: str | None = None, progress: bool = True,
+                        through_purifier: bool = False, keep: str = "best", source: str | None = None,
+                        progress: bool = True,
                         log=print) -> dict:
     from training.federated import task
     from training.runs import read_source
 
     run, out = Path(run), Path(out)
     profile = _checked_profile(run, out, defense, epochs, adv_fraction, purify_fraction)
+    if keep not in ("best", "last"):
+        raise cfgmod.UsageError(f"keep must be 'best' or 'last', got {keep!r}")
     attack = attack or cfgmod.AttackConfig(step=0.006, steps=3)
     source = source or read_source(run)
     data = task.site_data(source, profile, None, None)
@@ -193,12 +200,12 @@ def finetune_classifier(run: str | Path, out: str | Path, *, epochs: int = 3, lr
 
     cdir = _start_run_folder(run, out, profile, {
         "from_run": str(run), "epochs": epochs, "lr_scale": lr_scale, "adv_fraction": adv_fraction,
-        "purify_fraction": purify_fraction, "attack": asdict(attack), "through_purifier": through_purifier,
+        "purify_fraction": purify_fraction, "attack": asdict(attack), "through_purifier": through_purifier, "keep": keep,
         "defense": cfgmod.to_dict(profile)["defense"], "selection": (f"purified (t={t_val}) val accuracy" if profile.defense.mode == "always"
                       else f"clean + purified (t={t_val}) val accuracy"),
     })
     before, best, history = _finetune_epochs(model, objective, denoiser, diffusion, data, profile, cdir, epochs=epochs,
-                                             lr_scale=lr_scale, t_val=t_val, progress=progress, log=log)
+                                             lr_scale=lr_scale, t_val=t_val, progress=progress, log=log, keep=keep)
     return {"out": str(out), "best_val_score": best, "history": history,
             "val_acc_before": before, "t_val": t_val, "n_train": int(len(data["train"])), "seconds": float(np.sum(
                 [h.get("epoch_seconds", 0.0) for h in history]))}
