@@ -176,8 +176,7 @@ def finetune_classifier(run: str | Path, out: str | Path, *, epochs: int = 3, lr
                         adv_fraction: float = 0.5, purify_fraction: float = 0.5,
                         attack: cfgmod.AttackConfig | None = None, defense: dict | None = None,
                         through_purifier: bool = False, keep: str = "best", source: str | None = None,
-                        progress: bool = True,
-                        log=print) -> dict:
+                        progress: bool = True, log=print) -> dict:
     from training.federated import task
     from training.runs import read_source
 
@@ -200,9 +199,10 @@ def finetune_classifier(run: str | Path, out: str | Path, *, epochs: int = 3, lr
 
     cdir = _start_run_folder(run, out, profile, {
         "from_run": str(run), "epochs": epochs, "lr_scale": lr_scale, "adv_fraction": adv_fraction,
-        "purify_fraction": purify_fraction, "attack": asdict(attack), "through_purifier": through_purifier, "keep": keep,
-        "defense": cfgmod.to_dict(profile)["defense"], "selection": (f"purified (t={t_val}) val accuracy" if profile.defense.mode == "always"
-                      else f"clean + purified (t={t_val}) val accuracy"),
+        "purify_fraction": purify_fraction, "attack": asdict(attack), "through_purifier": through_purifier,
+        "keep": keep, "defense": cfgmod.to_dict(profile)["defense"],
+        "selection": ("the last epoch" if keep == "last" else
+                      f"{'purified' if d.mode == 'always' else 'clean + purified'} (t={t_val}) val accuracy"),
     })
     before, best, history = _finetune_epochs(model, objective, denoiser, diffusion, data, profile, cdir, epochs=epochs,
                                              lr_scale=lr_scale, t_val=t_val, progress=progress, log=log, keep=keep)
