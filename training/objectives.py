@@ -137,6 +137,13 @@ def make_objective(component: str, profile):
 # Each takes the batch, changes what the model trains on, and hands it to ``base``.
 
 
+def purify_at_random_t(denoiser: nn.Module, diffusion: GaussianDiffusion, x: torch.Tensor, t_min: int, t_max: int,
+                       steps: int, generator: torch.Generator | None) -> torch.Tensor:
+    """``x`` purified from one t* drawn uniformly in ``[t_min, t_max]`` (then the noise, from ``generator``)."""
+    t = int(torch.randint(t_min, t_max + 1, (1,), generator=generator))
+    return purify(denoiser, diffusion, x, t, steps or None, None, generator)
+
+
 class PurifiedClassifier(nn.Module):
     """``classifier(purify(x))``: t* uniform in ``[t_min, t_max]`` and fresh noise at every call, differentiated
     exactly through the (frozen) denoiser -- what an attacker who knows the purifier attacks."""
@@ -148,8 +155,8 @@ class PurifiedClassifier(nn.Module):
         self.t_min, self.t_max, self.steps, self.generator = t_min, t_max, steps, generator
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = int(torch.randint(self.t_min, self.t_max + 1, (1,), generator=self.generator))
-        return self.classifier(purify(self.denoiser, self.diffusion, x, t, self.steps or None, None, self.generator))
+        return self.classifier(purify_at_random_t(self.denoiser, self.diffusion, x, self.t_min, self.t_max, self.steps,
+                                                  self.generator))
 
 
 @dataclass
@@ -209,9 +216,9 @@ class PurifiedAugmentObjective:
         n = int(round(self.fraction * x.shape[0]))
         if n > 0:
             idx = torch.randperm(x.shape[0], generator=generator)[:n]
-            t = int(torch.randint(self.t_min, self.t_max + 1, (1,), generator=generator))
             with torch.no_grad():
-                purified = purify(self.denoiser, self.diffusion, x[idx], t, self.steps or None, None, generator)
+                purified = purify_at_random_t(self.denoiser, self.diffusion, x[idx], self.t_min, self.t_max,
+                                              self.steps, generator)
             x = x.clone()
             x[idx] = purified
         return self.base(model, x, y, generator)
