@@ -235,7 +235,7 @@ def test_classifier_objective_per_method():
 
 @pytest.mark.slow
 def test_demo_profile_tiny_variant_learns_over_its_initial_accuracy(tmp_path):
-    """The demo's own recipe (48 px phantoms, four scanner sites, FedBN, FedAvgM) on 400 phantoms and 8 rounds:
+    """The demo's own recipe (64 px phantoms, four scanner sites, FedBN, FedAvgM) on 400 phantoms and 8 rounds:
     every site's system ends above the untrained model, which answers one class (balanced accuracy 0.5)."""
     from training.federated.run import run_federated
 
