@@ -18,7 +18,7 @@ from training.runs import write_data_record
 def _profile(args) -> cfgmod.Profile:
     if getattr(args, "config", None):
         return cfgmod.load_toml(args.config, profile=args.profile)
-    return cfgmod.get_profile(args.profile)
+    return cfgmod.get_profile(args.profile or "edge")
 
 
 def _no_cache(args) -> None:
@@ -53,6 +53,11 @@ FED_FLAGS: dict[str, FedFlag] = {  # every scalar FederatedConfig field, in the 
                             "--purify-fraction)"),
     "purify_train": FedFlag("medfedpure: purify flagged training scans (Alg. 3)"),
     "purify_fraction": FedFlag("medfedpure: fraction of each batch purified (purification-consistent training)"),
+    "through_purifier": FedFlag("medfedpure: craft the --adv-fraction examples through the purifier (exact "
+                                "gradients), not on the classifier alone"),
+    "robust_rounds": FedFlag("the classifier's last N rounds train robustly (adversarial/purified scans, their own "
+                             "learning-rate schedule); earlier rounds on clean scans"),
+    "robust_lr_scale": FedFlag("learning rate of the robust rounds, times the profile's (default 0.25)"),
     "eval_every": FedFlag("evaluate every N rounds"),
     "eval_max": FedFlag("at most N test scans per site in per-round evaluation (0: all)"),
     "aggregation": FedFlag("how the server combines the classifier updates", "defenses", cfgmod.AGGREGATIONS),
@@ -92,7 +97,7 @@ def federated_overrides(args) -> dict:
 
 
 CENTRAL_ONLY = ("component", "epochs", "skip_bad")
-SIMULATION_ONLY = ("threads_per_site", "parallel_sites", "backend")
+SIMULATION_ONLY = ("threads_per_site", "parallel_sites", "backend", "continue_from")
 
 
 def _given(args, names) -> list[str]:
@@ -145,7 +150,20 @@ def cmd_federated(args) -> int:
     from training.federated.run import run_federated
 
     _no_cache(args)
-    profile = cfgmod.resolve(_profile(args), {"federated": federated_overrides(args)})
+    if args.continue_from:
+        from training.federated.run import continue_run
+
+        if args.profile or args.config:
+            raise cfgmod.UsageError("--continue-from takes the run's own settings; --profile and --config do not apply "
+                                    "(change the federated ones with their flags)")
+        source = Path(args.continue_from) / "config.toml"
+        if not source.is_file():
+            raise cfgmod.UsageError(f"--continue-from {args.continue_from}: not a run folder (no config.toml)")
+        profile = cfgmod.resolve(cfgmod.load_toml(source), {"federated": federated_overrides(args)})
+        continue_run(args.continue_from, args.out, profile)
+        print(f"continuing {args.continue_from} in {args.out}")
+    else:
+        profile = cfgmod.resolve(_profile(args), {"federated": federated_overrides(args)})
     summary = run_federated(profile, args.data, args.out, resume=not args.no_resume,
                             threads_per_site=1 if args.threads_per_site is None else args.threads_per_site,
                             parallel_sites=args.parallel_sites, backend=args.backend or "ray")
@@ -284,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a component (centrally) on a data set")
     t.add_argument("--component", choices=(*cfgmod.COMPONENTS, "all"), help="component to train (default: all)")
-    t.add_argument("--profile", choices=sorted(cfgmod.PROFILES), default="edge")
+    t.add_argument("--profile", choices=sorted(cfgmod.PROFILES), help="model sizes and schedule (default: edge)")
     t.add_argument("--config", help="TOML file of overrides (see training/config.py)")
     t.add_argument("--data", default="synth", help="folder (Br35H with split.csv, or class-per-folder) or synth[:N]")
     t.add_argument("--out", required=True, help="run folder")
@@ -297,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "training)")
     g = t.add_argument_group("training-time defenses (docs/training-defenses.md)")
     add_federated_flags(f, g)
+    f.add_argument("--continue-from", metavar="RUN",
+                   help="start --out (a new folder) from RUN's trained state and train on under these settings, "
+                        "e.g. --rounds R+N --robust-rounds N --purify-fraction 1 --adv-fraction 0.5")
     f.add_argument("--threads-per-site", type=int, help="torch threads per simulated site (default 1)")
     f.add_argument("--parallel-sites", type=int, help="sites trained at the same time (default: cores / threads)")
     f.add_argument("--backend", choices=("ray", "inprocess"),

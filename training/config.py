@@ -248,6 +248,15 @@ class FederatedConfig:
     (t* uniform in the defense's range, the defense's steps), and
     ``adv_fraction`` of it is PGD examples made first, so the classifier sees
     what the pipeline feeds it (see ``training/finetune.py``).
+    ``through_purifier`` (medfedpure, with ``purify_fraction`` and ``adv_fraction``): the PGD examples are
+    crafted through the purification (exact gradients through the denoiser, a fresh t* and noise at every
+    step), i.e. against an attacker who knows the purifier, as ``finetune --through-purifier`` does.
+    ``robust_rounds`` > 0: only the classifier phase's last ``robust_rounds`` rounds train robustly -- the
+    adversarial examples (``adv_fraction``) and purified scans (``purify_fraction``, ``purify_train``) are
+    used in them only, under their own cosine learning-rate schedule from ``robust_lr_scale`` x the
+    profile's rate (a fine-tuning stage, as ``finetune`` does centrally); the rounds before them train on
+    clean scans under a schedule of their own. A finished run can be continued into such rounds with
+    ``train --continue-from RUN`` (same result as training it in one go).
     ``purify_train`` (medfedpure): the scans the detector flags are purified
     before each step (the paper's Algorithm 3, lines 10-13).
     ``defense_rounds`` / ``defense_local_epochs`` (0: as ``rounds`` /
@@ -306,6 +315,9 @@ class FederatedConfig:
     adv_fraction: float = 0.5
     purify_train: bool = False
     purify_fraction: float = 0.0
+    through_purifier: bool = False
+    robust_rounds: int = 0
+    robust_lr_scale: float = 0.25
     eval_every: int = 1
     eval_max: int = 0
     train_attack: AttackConfig = field(default_factory=AttackConfig)
@@ -360,6 +372,13 @@ class FederatedConfig:
             raise UsageError(f"adv_fraction must be in [0, 1], got {self.adv_fraction}")
         if not 0.0 <= self.purify_fraction <= 1.0:
             raise UsageError(f"purify_fraction must be in [0, 1], got {self.purify_fraction}")
+        if not 0 <= self.robust_rounds < self.rounds:
+            raise UsageError(f"robust_rounds must be in [0, rounds), got {self.robust_rounds}")
+        if self.robust_lr_scale <= 0:
+            raise UsageError(f"robust_lr_scale must be > 0, got {self.robust_lr_scale}")
+        if self.through_purifier and not (self.method == "medfedpure" and self.purify_fraction > 0
+                                          and self.adv_fraction > 0):
+            raise UsageError("through_purifier needs method medfedpure with purify_fraction > 0 and adv_fraction > 0")
         try:
             parse_scheme(self.partition)
         except ValueError as err:
@@ -369,6 +388,10 @@ class FederatedConfig:
     def phase_rounds(self) -> dict[str, int]:
         d = self.defense_rounds or self.rounds
         return {"denoiser": d, "detector": d, "classifier": self.rounds}
+
+    def robust(self, phase: str, server_round: int) -> bool:
+        """Whether ``server_round`` of ``phase`` trains robustly (adversarial / purified scans, when set)."""
+        return phase == "classifier" and (self.robust_rounds == 0 or server_round > self.rounds - self.robust_rounds)
 
     @property
     def phase_epochs(self) -> dict[str, int]:

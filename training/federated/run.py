@@ -3,7 +3,9 @@
 ``python -m training train --method medfedpure --sites 10 --rounds R ...``
 prepares the run folder (resolved config, split digest, the partition table)
 and runs the ServerApp against N simulated sites. Running the same command
-again resumes from the last finished round.
+again resumes from the last finished round. ``--continue-from RUN`` starts a
+new run folder from another run's state (:func:`continue_run`), e.g. to add
+robust rounds (``--robust-rounds``) to a finished run.
 
 Two backends simulate the sites: ``ray`` (Flower's simulation engine, sites in
 parallel) and ``inprocess`` (``inprocess.InProcessGrid``: one site after
@@ -12,8 +14,11 @@ another in this process, without Ray's start-up).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
+import shutil
 from functools import partial
 from pathlib import Path
 
@@ -45,6 +50,54 @@ def prepare_run(profile: cfgmod.Profile, data_source: str, out: str | Path, *, r
         log(f"\n{split} scans per site ({profile.federated.partition}):")
         log(describe(parts[split], data[split].labels, data.class_names))
     write_data_record(out, data_source, data.digest)
+    return out
+
+
+# What may differ between a run and its continuation: how many classifier rounds, and what the last ones train on.
+CONTINUABLE = ("rounds", "robust_rounds", "robust_lr_scale", "adv_fraction", "purify_fraction", "purify_train",
+               "through_purifier", "train_attack", "eval_attack", "eval_every", "eval_max")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def continue_run(source: str | Path, out: str | Path, profile: cfgmod.Profile) -> Path:
+    """Copy the run folder ``source`` into the new folder ``out``, so that ``profile`` trains on from its state.
+
+    Only the ``CONTINUABLE`` federated settings may differ, and the rounds trained before the robust ones
+    (``rounds - robust_rounds``) must be those of ``source``: its finished rounds are then exactly the first
+    rounds of ``profile``'s run, and the result is what training ``profile`` in one go gives.
+    """
+    from training.federated.server_app import RunState
+
+    source, out = Path(source), Path(out)
+    if not (source / "config.toml").is_file():
+        raise cfgmod.UsageError(f"--continue-from {source}: not a run folder (no config.toml)")
+    if out.exists() and any(out.iterdir()):
+        raise cfgmod.UsageError(f"--continue-from writes a new run folder; {out} is not empty")
+    old = cfgmod.load_toml(source / "config.toml")
+    fed, ofed = profile.federated, old.federated
+    kept = dataclasses.replace(profile, federated=dataclasses.replace(
+        fed, **{k: getattr(ofed, k) for k in CONTINUABLE}))
+    if kept != old:
+        a, b = _flat(cfgmod.to_dict(old)), _flat(cfgmod.to_dict(kept))
+        diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+        raise cfgmod.UsageError(f"--continue-from {source}: trained with other settings ({', '.join(diff)}); only "
+                                f"federated {', '.join(CONTINUABLE)} may change")
+    done = RunState(source).done("classifier")
+    clean, old_clean = fed.rounds - fed.robust_rounds, ofed.rounds - ofed.robust_rounds
+    if done and (clean != old_clean or done > clean):
+        raise cfgmod.UsageError(f"--continue-from {source}: its {done} classifier round(s) were trained as the first "
+                                f"of {old_clean} clean rounds; set --rounds and --robust-rounds so that rounds - "
+                                f"robust_rounds = {old_clean}")
+    shutil.copytree(source, out, dirs_exist_ok=True)
+    record = out / "continued.json"
+    record.write_text(json.dumps({"from_run": str(source), "classifier_rounds_done": done}, indent=1))
+    (out / "config.toml").write_text(cfgmod.dump_toml(profile))
     return out
 
 

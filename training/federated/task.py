@@ -207,15 +207,19 @@ def root_set(source: str, profile: cfgmod.Profile) -> tuple[np.ndarray, np.ndarr
 # --------------------------------------------------------------------------- local training
 
 
-def classifier_objective(profile: cfgmod.Profile, defense: DefensePipeline | None = None, labels=None):
+def classifier_objective(profile: cfgmod.Profile, defense: DefensePipeline | None = None, labels=None,
+                         server_round: int | None = None):
     """The classifier's local objective for the run's method (see ``FederatedConfig``).
 
     ``labels``: the site's training labels, for logit adjustment (``classifier.logit_adjust``).
+    ``server_round``: with ``robust_rounds``, the rounds before the robust ones train on clean scans only.
     """
     fed, d, c = profile.federated, profile.defense, profile.classifier
     objective = make_objective("classifier", classifier_profile(profile))
     if labels is not None and c.logit_adjust > 0:
         objective = replace(objective, log_prior=adjusted_log_prior(labels, c.num_classes, c.logit_adjust))
+    if server_round is not None and not fed.robust("classifier", server_round):
+        return objective
     if fed.method in ("fat", "pfeddef") and fed.adv_fraction > 0:
         return AdversarialObjective(objective, fed.train_attack, fed.adv_fraction)
     if fed.method != "medfedpure" or defense is None:
@@ -226,7 +230,8 @@ def classifier_objective(profile: cfgmod.Profile, defense: DefensePipeline | Non
     if fed.purify_train:
         objective = PurifyingObjective(objective, defense)
     if fed.purify_fraction > 0 and fed.adv_fraction > 0:
-        objective = AdversarialObjective(objective, fed.train_attack, fed.adv_fraction)
+        through = (defense.denoiser, defense.diffusion, d.t_min, d.t_max, d.steps) if fed.through_purifier else None
+        objective = AdversarialObjective(objective, fed.train_attack, fed.adv_fraction, through)
     return objective
 
 
@@ -270,13 +275,23 @@ def load_optimizer_arrays(model: nn.Module, optimizer: torch.optim.Optimizer, ar
 
 
 def _run_schedule(phase: str, profile: cfgmod.Profile, n_train: int, server_round: int):
-    """(lr_at, first step of this round): one cosine schedule over the phase's whole run, as centrally."""
+    """(lr_at, first step of this round): one cosine schedule over the phase's whole run, as centrally.
+
+    With ``robust_rounds`` the classifier's last rounds have a schedule of their own (from
+    ``robust_lr_scale`` x the rate, no warm-up) and the rounds before them one over those rounds only."""
     fed, opt = profile.federated, getattr(profile, phase).optim
     steps_per_epoch = max(1, math.ceil(n_train / opt.batch_size))
     epochs = fed.phase_epochs[phase]
-    total = fed.phase_rounds[phase] * epochs * steps_per_epoch
+    rounds, first, lr = fed.phase_rounds[phase], 1, opt.lr
     warmup = max(1, int(opt.warmup_epochs * steps_per_epoch))
-    return (lambda step: cosine_lr(step, total, warmup, opt.lr)), (server_round - 1) * epochs * steps_per_epoch
+    if phase == "classifier" and fed.robust_rounds:
+        clean = fed.rounds - fed.robust_rounds
+        if fed.robust(phase, server_round):
+            rounds, first, lr, warmup = fed.robust_rounds, clean + 1, opt.lr * fed.robust_lr_scale, 0
+        else:
+            rounds = clean
+    total = rounds * epochs * steps_per_epoch
+    return (lambda step: cosine_lr(step, total, warmup, lr)), (server_round - first) * epochs * steps_per_epoch
 
 
 def local_train(
@@ -302,7 +317,7 @@ def local_train(
     epochs = fed.phase_epochs[phase]
     train = data["train"]
     lr_at, start = _run_schedule(phase, profile, len(train), server_round)
-    objective = (classifier_objective(profile, defense, train.labels) if phase == "classifier"
+    objective = (classifier_objective(profile, defense, train.labels, server_round) if phase == "classifier"
                  else make_objective(phase, profile))
     extra = proximal_term(model, global_shared, fed.proximal_mu) if fed.proximal_mu > 0 and global_shared else None
     optimizer = make_optimizer(model.parameters(), opt)

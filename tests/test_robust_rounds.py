@@ -1,0 +1,119 @@
+"""Robust rounds (``robust_rounds``): their objective, their learning-rate schedule, and continuing a run into them."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from training import config as C
+from training.federated import task
+from training.objectives import AdversarialObjective, ClassifierObjective, PurifiedAugmentObjective
+
+
+def _mfp(**fed) -> C.Profile:
+    return C.resolve("tiny", {"federated": {"method": "medfedpure", "rounds": 5, **fed}})
+
+
+def _defense():
+    """What the classifier objective takes from a site's pipeline: its denoiser and diffusion."""
+    return SimpleNamespace(denoiser=torch.nn.Identity(), diffusion=object())
+
+
+def test_only_the_last_rounds_are_robust():
+    fed = _mfp(robust_rounds=2, purify_fraction=1.0, adv_fraction=0.5).federated
+    assert [fed.robust("classifier", r) for r in range(1, 6)] == [False, False, False, True, True]
+    assert not fed.robust("denoiser", 5)
+    everywhere = _mfp(purify_fraction=1.0).federated  # robust_rounds = 0: what is set applies in every round
+    assert all(everywhere.robust("classifier", r) for r in range(1, 6))
+
+
+def test_clean_rounds_train_on_clean_scans_and_robust_rounds_through_the_purifier():
+    p = _mfp(robust_rounds=2, purify_fraction=1.0, adv_fraction=0.5, through_purifier=True)
+    clean = task.classifier_objective(p, _defense(), server_round=3)
+    assert isinstance(clean, ClassifierObjective)
+    robust = task.classifier_objective(p, _defense(), server_round=4)
+    assert isinstance(robust, AdversarialObjective) and robust.fraction == 0.5
+    assert robust.through is not None and robust.through[2:] == (p.defense.t_min, p.defense.t_max, p.defense.steps)
+    assert isinstance(robust.base, PurifiedAugmentObjective) and robust.base.fraction == 1.0
+    # without through_purifier the examples are crafted on the classifier alone
+    plain = task.classifier_objective(_mfp(robust_rounds=2, purify_fraction=1.0, adv_fraction=0.5), _defense(),
+                                      server_round=5)
+    assert isinstance(plain, AdversarialObjective) and plain.through is None
+
+
+def test_robust_rounds_restart_the_schedule_at_the_scaled_rate():
+    p = _mfp(robust_rounds=2, robust_lr_scale=0.25, local_epochs=1)
+    lr, n = p.classifier.optim.lr, 64
+    steps = math.ceil(n / p.classifier.optim.batch_size)
+    lr_at, start = task._run_schedule("classifier", p, n, 3)  # the last clean round: its schedule ends at 1 % of lr
+    assert start == 2 * steps
+    assert lr_at(3 * steps - 1) < 0.05 * lr  # over all five rounds it would be ~0.4 lr
+    assert lr_at(3 * steps) == pytest.approx(0.01 * lr)
+    lr_at, start = task._run_schedule("classifier", p, n, 4)  # the first robust round starts afresh at 0.25 lr
+    assert start == 0 and lr_at(0) == pytest.approx(0.25 * lr)
+    lr_at, start = task._run_schedule("classifier", p, n, 5)
+    assert start == steps and lr_at(2 * steps) == pytest.approx(0.01 * 0.25 * lr)
+    # without robust rounds one schedule runs over all five rounds (the warm-up included)
+    whole = _mfp(local_epochs=1)
+    lr_at, start = task._run_schedule("classifier", whole, n, 4)
+    assert start == 3 * steps and lr_at(5 * steps) == pytest.approx(0.01 * lr)
+
+
+@pytest.mark.parametrize("fed", [
+    {"robust_rounds": 5},
+    {"robust_rounds": -1},
+    {"robust_lr_scale": 0.0},
+    {"through_purifier": True},  # nothing to craft: no purified fraction, no adversarial fraction
+    {"through_purifier": True, "purify_fraction": 1.0, "adv_fraction": 0.0},
+    {"through_purifier": True, "purify_fraction": 1.0, "adv_fraction": 0.5, "method": "fat"},
+])
+def test_bad_robust_round_settings_are_refused(fed):
+    with pytest.raises(ValueError):
+        _mfp(**fed)
+
+
+@pytest.mark.slow
+def test_continuing_a_run_into_robust_rounds_gives_what_one_run_gives(tmp_path):
+    from training.federated.run import continue_run, run_federated
+
+    run = dict(backend="inprocess", threads_per_site=1, log=lambda *_: None)
+    fed = {"method": "fat", "sites": 2, "eval_max": 8, "eval_every": 3}
+    whole = C.resolve("tiny", {"federated": {**fed, "rounds": 3, "robust_rounds": 1, "adv_fraction": 0.5}})
+    run_federated(whole, "synth:96", tmp_path / "whole", **run)
+    first = C.resolve("tiny", {"federated": {**fed, "rounds": 2, "adv_fraction": 0.0}})  # two clean rounds
+    run_federated(first, "synth:96", tmp_path / "first", **run)
+    continue_run(tmp_path / "first", tmp_path / "continued", whole)
+    run_federated(whole, "synth:96", tmp_path / "continued", **run)
+    a = torch.load(tmp_path / "whole/server/classifier.pt", weights_only=True)
+    b = torch.load(tmp_path / "continued/server/classifier.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a[next(iter(a))], torch.load(tmp_path / "first/server/classifier.pt",
+                                                        weights_only=True)[next(iter(a))])  # round 3 was trained
+    assert (tmp_path / "continued/continued.json").exists()
+
+
+def test_continuing_refuses_other_models_other_schedules_and_used_folders(tmp_path):
+    from training.federated.run import continue_run
+    from training.federated.server_app import RunState
+
+    src = tmp_path / "src"
+    src.mkdir()
+    base = C.resolve("tiny", {"federated": {"method": "fedavg", "rounds": 4}})
+    (src / "config.toml").write_text(C.dump_toml(base))
+    RunState(src).mark("classifier", 4)
+    with pytest.raises(ValueError, match="classifier.head_hidden"):  # another model
+        continue_run(src, tmp_path / "a", C.resolve(base, {"classifier": {"head_hidden": 7}, "federated": {"rounds": 6}}))
+    with pytest.raises(ValueError, match="rounds - robust_rounds = 4"):  # the finished rounds are not the clean ones
+        continue_run(src, tmp_path / "b", C.resolve(base, {"federated": {"rounds": 6, "robust_rounds": 1}}))
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "x").write_text("")
+    with pytest.raises(ValueError, match="not empty"):
+        continue_run(src, used, C.resolve(base, {"federated": {"rounds": 6, "robust_rounds": 2}}))
+    with pytest.raises(ValueError, match="not a run folder"):
+        continue_run(tmp_path / "nothing", tmp_path / "c", base)
+    out = continue_run(src, tmp_path / "ok", C.resolve(base, {"federated": {"rounds": 6, "robust_rounds": 2}}))
+    assert C.load_toml(out / "config.toml").federated.robust_rounds == 2
