@@ -13,7 +13,7 @@ from training.federated import run as fedrun
 
 # train's options that are not FederatedConfig fields: central training, the simulation engine, the data
 TRAIN_ONLY = {"--component", "--epochs", "--skip-bad", "--data", "--no-resume", "--quiet", "--no-cache",
-              "--threads-per-site", "--parallel-sites", "--backend"}
+              "--threads-per-site", "--parallel-sites", "--backend", "--continue-from"}
 DEPLOY_ONLY = {"--connection"}
 SCALAR_FIELDS = {f.name for f in dataclasses.fields(C.FederatedConfig)
                  if not dataclasses.is_dataclass(getattr(C.FederatedConfig(), f.name))}
@@ -25,8 +25,10 @@ FED_VALUES = {
     "purify_fraction": 0.5, "eval_every": 2, "eval_max": 7, "aggregation": "krum", "byzantine": 1, "trim_beta": 0.1,
     "root_size": 32, "poison": "scaling", "malicious_fraction": 0.25, "poison_scale": 5.0, "dp_clip": 1.0,
     "dp_sigma": 0.5, "dp_weight_sigma": 0.01, "dp_delta": 1e-6, "feature_skew": True, "server_opt": "fedavg",
-    "server_lr": 0.5, "server_momentum": 0.5,
+    "server_lr": 0.5, "server_momentum": 0.5, "robust_rounds": 1, "robust_lr_scale": 0.5,
 }
+# fields valid with another method only: set in a second run of the same checks
+MEDFEDPURE_VALUES = {"method": "medfedpure", "through_purifier": True}
 
 
 class Stop(Exception):
@@ -58,7 +60,7 @@ def _one_line_error(capsys) -> str:
 
 
 def test_every_federated_field_has_one_flag():
-    assert set(cli.FED_FLAGS) == SCALAR_FIELDS == set(FED_VALUES)
+    assert set(cli.FED_FLAGS) == SCALAR_FIELDS == set(FED_VALUES) | set(MEDFEDPURE_VALUES)
     assert {"--" + f.replace("_", "-") for f in SCALAR_FIELDS} <= _options("train")
 
 
@@ -74,6 +76,10 @@ def test_deploy_prepare_writes_every_federated_flag(tmp_path, capsys):
     assert {name: getattr(fed, name) for name in FED_VALUES} == FED_VALUES
     assert fed.aggregation == "krum" and fed.dp_clip == 1.0
     assert "4 sites" in capsys.readouterr().out
+    values = {**FED_VALUES, **MEDFEDPURE_VALUES}
+    assert cli.main(["deploy-prepare", "--out", str(tmp_path / "mfp"), "--profile", "tiny", *_argv(values)]) == 0
+    fed = C.load_toml(tmp_path / "mfp" / "config.toml").federated
+    assert {name: getattr(fed, name) for name in values} == values
 
 
 def test_federated_flags_without_method_are_refused(tmp_path, monkeypatch, capsys):

@@ -117,3 +117,31 @@ def test_continuing_refuses_other_models_other_schedules_and_used_folders(tmp_pa
         continue_run(tmp_path / "nothing", tmp_path / "c", base)
     out = continue_run(src, tmp_path / "ok", C.resolve(base, {"federated": {"rounds": 6, "robust_rounds": 2}}))
     assert C.load_toml(out / "config.toml").federated.robust_rounds == 2
+
+
+def test_continue_from_on_the_command_line_takes_the_runs_settings(tmp_path, monkeypatch, capsys):
+    from training import cli
+    from training.federated import run as fedrun
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.toml").write_text(C.dump_toml(C.resolve("tiny", {"federated": {"method": "fedavg", "rounds": 2}})))
+    seen = {}
+
+    def fake_run(profile, data, out, **kw):  # stands in for the simulation: what it would be asked to train
+        seen["profile"] = profile
+        raise SystemExit(0)
+
+    monkeypatch.setattr(fedrun, "run_federated", fake_run)
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--method", "fedavg", "--continue-from", str(src), "--out", str(tmp_path / "out"),
+                  "--rounds", "3", "--robust-rounds", "1", "--adv-fraction", "0.5"])
+    fed = seen["profile"].federated
+    assert (seen["profile"].name, fed.rounds, fed.robust_rounds, fed.adv_fraction) == ("tiny", 3, 1, 0.5)
+    assert C.load_toml(tmp_path / "out" / "config.toml") == seen["profile"]
+    for argv, message in ((["--profile", "edge"], "--profile and --config do not apply"),
+                          (["--continue-from", str(tmp_path / "nothing")], "not a run folder")):
+        base = ["train", "--method", "fedavg", "--out", str(tmp_path / "x"), "--continue-from", str(src)]
+        assert cli.main(base + argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
