@@ -145,3 +145,15 @@ def test_continue_from_on_the_command_line_takes_the_runs_settings(tmp_path, mon
         assert cli.main(base + argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_a_run_is_not_resumed_or_continued_on_other_data(tmp_path):
+    from training.federated.run import prepare_run
+
+    p = C.resolve("tiny", {"federated": {"method": "fedavg", "sites": 2}})
+    quiet = dict(log=lambda *_: None)
+    prepare_run(p, "synth:96", tmp_path / "run", **quiet)
+    prepare_run(p, "synth:96", tmp_path / "run", **quiet)  # the same data: resumes
+    with pytest.raises(ValueError, match="trained on other data"):
+        prepare_run(p, "synth:120", tmp_path / "run", **quiet)
+    prepare_run(p, "synth:120", tmp_path / "run", resume=False, **quiet)  # starting over is allowed

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from training import config as cfgmod
 from training.data.partition import describe
-from training.runs import write_data_record
+from training.runs import data_record, write_data_record
 
 
 def prepare_run(profile: cfgmod.Profile, data_source: str, out: str | Path, *, resume: bool = True,
@@ -44,6 +44,11 @@ def prepare_run(profile: cfgmod.Profile, data_source: str, out: str | Path, *, r
             (out / f).unlink(missing_ok=True)
     cfg_file.write_text(text)
     data = task._dataset(data_source, profile.preprocess, profile.seed)
+    if resume and (out / "data.txt").is_file():
+        before = data_record(out).get("split_digest")
+        if before and before != data.digest:
+            raise cfgmod.UsageError(f"{out} was trained on other data (split digest {before[:12]}, this one "
+                                    f"{data.digest[:12]}); use its --data, or a new --out")
     log(data.summary())
     parts = task.site_partitions(data, profile)
     for split in ("train", "test"):
