@@ -151,15 +151,12 @@ def cmd_federated(args) -> int:
 
     _no_cache(args)
     if args.continue_from:
-        from training.federated.run import continue_run
+        from training.federated.run import continue_run, run_config
 
         if args.profile or args.config:
             raise cfgmod.UsageError("--continue-from takes the run's own settings; --profile and --config do not apply "
                                     "(change the federated ones with their flags)")
-        source = Path(args.continue_from) / "config.toml"
-        if not source.is_file():
-            raise cfgmod.UsageError(f"--continue-from {args.continue_from}: not a run folder (no config.toml)")
-        profile = cfgmod.resolve(cfgmod.load_toml(source), {"federated": federated_overrides(args)})
+        profile = cfgmod.resolve(run_config(args.continue_from), {"federated": federated_overrides(args)})
         continue_run(args.continue_from, args.out, profile)
         print(f"continuing {args.continue_from} in {args.out}")
     else:

@@ -70,6 +70,14 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def run_config(run: str | Path) -> cfgmod.Profile:
+    """The configuration a run folder was trained with (``RUN/config.toml``)."""
+    f = Path(run) / "config.toml"
+    if not f.is_file():
+        raise cfgmod.UsageError(f"--continue-from {run}: not a run folder (no config.toml)")
+    return cfgmod.load_toml(f)
+
+
 def continue_run(source: str | Path, out: str | Path, profile: cfgmod.Profile) -> Path:
     """Copy the run folder ``source`` into the new folder ``out``, so that ``profile`` trains on from its state.
 
@@ -80,11 +88,9 @@ def continue_run(source: str | Path, out: str | Path, profile: cfgmod.Profile) -
     from training.federated.server_app import RunState
 
     source, out = Path(source), Path(out)
-    if not (source / "config.toml").is_file():
-        raise cfgmod.UsageError(f"--continue-from {source}: not a run folder (no config.toml)")
+    old = run_config(source)
     if out.exists() and any(out.iterdir()):
         raise cfgmod.UsageError(f"--continue-from writes a new run folder; {out} is not empty")
-    old = cfgmod.load_toml(source / "config.toml")
     fed, ofed = profile.federated, old.federated
     kept = dataclasses.replace(profile, federated=dataclasses.replace(
         fed, **{k: getattr(ofed, k) for k in CONTINUABLE}))
