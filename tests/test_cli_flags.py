@@ -28,7 +28,7 @@ FED_VALUES = {
     "server_lr": 0.5, "server_momentum": 0.5, "robust_rounds": 1, "robust_lr_scale": 0.5,
 }
 # fields valid with another method only: set in a second run of the same checks
-MEDFEDPURE_VALUES = {"method": "medfedpure", "through_purifier": True}
+MEDFEDPURE_VALUES = {"method": "medfedpure", "through_purifier": True, "textured_fraction": 0.5}
 
 
 class Stop(Exception):

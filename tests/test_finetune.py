@@ -117,3 +117,69 @@ def test_selection_score_is_the_purified_accuracy_when_every_scan_is_purified():
     only = purified_val_accuracy(clf, den, diff, split, 50, 1, purified_only=True)
     assert both["val_score"] == pytest.approx(0.5 * (both["val_acc"] + both["val_acc_purified"]))
     assert only["val_score"] == only["val_acc_purified"] == both["val_acc_purified"]
+
+
+def _half_flat(n: int) -> torch.Tensor:
+    """Scans flat (0.5) on the left half and textured (random) on the right half."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.full((n, 1, 32, 32), 0.5)
+    x[..., 16:] = torch.rand((n, 1, 32, 16), generator=g)
+    return x
+
+
+def test_pgd_on_a_support_leaves_every_other_pixel_alone_and_still_hurts():
+    from training.attacks.adaptive import textured_support
+    from training.attacks.pgd import pgd
+    from training.data.datasets import load_dataset
+
+    p = C.get_profile("tiny")
+    torch.manual_seed(0)
+    clf = create_model("classifier", p).eval()
+    data = load_dataset("synth:100", p.preprocess)
+    x, y = torch.as_tensor(data["train"].images[:32])[:, None], torch.as_tensor(data["train"].labels[:32]).long()
+    support = textured_support(x, 0.2)
+    assert 0 < float(support.mean()) < 0.8  # the flattest fifth and their neighbours are left alone
+    attack = C.AttackConfig(eps=0.015, step=0.006, steps=3)
+    adv = pgd(clf, x, y, attack, torch.Generator().manual_seed(0), support=support)
+    d = (adv - x).abs()
+    assert float(d[support == 0].max()) == 0.0 and 0 < float(d.max()) <= 0.015 + 1e-6
+    ce = torch.nn.functional.cross_entropy
+    with torch.no_grad():
+        assert float(ce(clf(adv), y)) > float(ce(clf(x), y))
+    again = pgd(clf, x, y, attack, torch.Generator().manual_seed(0), support=support)
+    assert torch.equal(adv, again)  # deterministic by seed
+
+
+@pytest.mark.parametrize("fraction,textured", [(1.0, 8), (0.5, 4), (0.0, 0)])
+def test_a_fraction_of_the_training_examples_perturb_only_textured_pixels(fraction, textured):
+    p = C.get_profile("tiny")
+    torch.manual_seed(0)
+    clf = create_model("classifier", p)
+    seen = {}
+
+    def base(model, x, y, g):
+        seen["x"] = x
+        return torch.zeros(()), {}
+
+    attack = C.AttackConfig(eps=0.015, step=0.006, steps=3)
+    x, y = _half_flat(8), torch.tensor([0, 1] * 4)
+    AdversarialObjective(base, attack, 1.0, textured_fraction=fraction)(clf, x, y, torch.Generator().manual_seed(0))
+    d = (seen["x"] - x).flatten(2).abs()[:, 0].view(8, 32, 32)
+    assert bool((d.flatten(1).amax(1) > 0).all()) and float(d.max()) <= 0.015 + 1e-6
+    sparse = d[..., :15].flatten(1).amax(1) == 0  # the flat half untouched
+    assert int(sparse.sum()) == textured
+
+
+def test_textured_fraction_reaches_the_federated_objective_and_is_checked():
+    from types import SimpleNamespace
+
+    from training.federated import task
+
+    prof = C.resolve("tiny", {"federated": {"method": "medfedpure", "purify_fraction": 1.0, "adv_fraction": 0.5,
+                                            "through_purifier": True, "textured_fraction": 0.5}})
+    obj = task.classifier_objective(prof, SimpleNamespace(denoiser=torch.nn.Identity(), diffusion=object()))
+    assert isinstance(obj, AdversarialObjective) and obj.textured_fraction == 0.5
+    with pytest.raises(ValueError):
+        C.resolve("tiny", {"federated": {"textured_fraction": 1.5}})
+    with pytest.raises(ValueError):
+        AdversarialObjective(None, C.AttackConfig(), 0.5, textured_fraction=-0.1)

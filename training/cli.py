@@ -55,6 +55,8 @@ FED_FLAGS: dict[str, FedFlag] = {  # every scalar FederatedConfig field, in the 
     "purify_fraction": FedFlag("medfedpure: fraction of each batch purified (purification-consistent training)"),
     "through_purifier": FedFlag("medfedpure: craft the --adv-fraction examples through the purifier (exact "
                                 "gradients), not on the classifier alone"),
+    "textured_fraction": FedFlag("medfedpure: fraction of the --adv-fraction examples that perturb only textured "
+                                 "pixels (the flattest 20 %% left alone)"),
     "robust_rounds": FedFlag("the classifier's last N rounds train robustly (adversarial/purified scans, their own "
                              "learning-rate schedule); earlier rounds on clean scans"),
     "robust_lr_scale": FedFlag("learning rate of the robust rounds, times the profile's (default 0.25)"),
@@ -196,8 +198,8 @@ def cmd_finetune(args) -> int:
     res = finetune_classifier(args.run, args.out, epochs=args.epochs, lr_scale=args.lr_scale,
                               adv_fraction=args.adv_fraction, purify_fraction=args.purify_fraction, attack=attack,
                               defense=cfgmod.defense_overrides(args.defense),
-                              through_purifier=args.through_purifier, keep=args.keep, source=args.data,
-                              progress=not args.quiet)
+                              through_purifier=args.through_purifier, textured_fraction=args.textured_fraction,
+                              keep=args.keep, source=args.data, progress=not args.quiet)
     print(f"fine-tuned classifier in {res['out']}/classifier (best validation score "
           f"{res['best_val_score']:.4f}); evaluate it with: python -m training evaluate --run {res['out']}")
     return 0
@@ -354,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--through-purifier", action="store_true",
                     help="craft the PGD examples through the purification (exact gradients, fresh noise per step): "
                          "an attacker who knows the purifier")
+    ft.add_argument("--textured-fraction", type=float, default=0.0,
+                    help="fraction of the PGD examples that perturb only textured pixels (the flattest 20 %% left "
+                         "alone: the suite's adaptive-textured attacker)")
     ft.add_argument("--keep", choices=("best", "last"), default="best",
                     help="the checkpoint kept: best on purified validation accuracy, or the last epoch's "
                          "(to choose afterwards on the validation attack suite)")

@@ -251,6 +251,8 @@ class FederatedConfig:
     ``through_purifier`` (medfedpure, with ``purify_fraction`` and ``adv_fraction``): the PGD examples are
     crafted through the purification (exact gradients through the denoiser, a fresh t* and noise at every
     step), i.e. against an attacker who knows the purifier, as ``finetune --through-purifier`` does.
+    ``textured_fraction`` of those examples perturb only the textured pixels (the flattest fifth and their
+    neighbours left alone: the suite's ``adaptive-textured`` attacker), as ``finetune --textured-fraction`` does.
     ``robust_rounds`` > 0: only the classifier phase's last ``robust_rounds`` rounds train robustly -- the
     adversarial examples (``adv_fraction``) and purified scans (``purify_fraction``, ``purify_train``) are
     used in them only, under their own cosine learning-rate schedule from ``robust_lr_scale`` x the
@@ -316,6 +318,7 @@ class FederatedConfig:
     purify_train: bool = False
     purify_fraction: float = 0.0
     through_purifier: bool = False
+    textured_fraction: float = 0.0
     robust_rounds: int = 0
     robust_lr_scale: float = 0.25
     eval_every: int = 1
@@ -376,6 +379,8 @@ class FederatedConfig:
             raise UsageError(f"robust_rounds must be in [0, rounds), got {self.robust_rounds}")
         if self.robust_lr_scale <= 0:
             raise UsageError(f"robust_lr_scale must be > 0, got {self.robust_lr_scale}")
+        if not 0.0 <= self.textured_fraction <= 1.0:
+            raise UsageError(f"textured_fraction must be in [0, 1], got {self.textured_fraction}")
         if self.through_purifier and not (self.method == "medfedpure" and self.purify_fraction > 0
                                           and self.adv_fraction > 0):
             raise UsageError("through_purifier needs method medfedpure with purify_fraction > 0 and adv_fraction > 0")

@@ -24,6 +24,9 @@ another measure (the attack suite's, ``evaluate --threat suite --split val``).
 itself (:class:`training.objectives.PurifiedClassifier`: exact gradients
 through the denoiser, a fresh t* and noise at every step), i.e. against an
 attacker who knows the purifier, instead of on the classifier alone.
+``--textured-fraction F``: a fraction F of those examples perturb only the
+textured pixels (the flattest fifth and their neighbours left alone), as the
+suite's ``adaptive-textured`` attacker does.
 
 ``python -m training finetune --run RUN --out RUN2 [--epochs 3] [--defense KEY=VALUE]``
 writes a new run folder: the fine-tuned classifier, the same detector and
@@ -175,8 +178,8 @@ def _finetune_epochs(model, objective, denoiser, diffusion, data, profile: cfgmo
 def finetune_classifier(run: str | Path, out: str | Path, *, epochs: int = 3, lr_scale: float = 0.25,
                         adv_fraction: float = 0.5, purify_fraction: float = 0.5,
                         attack: cfgmod.AttackConfig | None = None, defense: dict | None = None,
-                        through_purifier: bool = False, keep: str = "best", source: str | None = None,
-                        progress: bool = True, log=print) -> dict:
+                        through_purifier: bool = False, textured_fraction: float = 0.0, keep: str = "best",
+                        source: str | None = None, progress: bool = True, log=print) -> dict:
     from training.federated import task
     from training.runs import read_source
 
@@ -195,12 +198,14 @@ def finetune_classifier(run: str | Path, out: str | Path, *, epochs: int = 3, lr
     objective = PurifiedAugmentObjective(objective, denoiser, diffusion, purify_fraction, d.t_min, d.t_max, d.steps)
     if adv_fraction > 0:
         through = (denoiser, diffusion, d.t_min, d.t_max, d.steps) if through_purifier else None
-        objective = AdversarialObjective(objective, attack, adv_fraction, through)
+        objective = AdversarialObjective(objective, attack, adv_fraction, through, textured_fraction)
+    elif textured_fraction > 0:
+        raise cfgmod.UsageError("textured_fraction needs adv_fraction > 0")
 
     cdir = _start_run_folder(run, out, profile, {
         "from_run": str(run), "epochs": epochs, "lr_scale": lr_scale, "adv_fraction": adv_fraction,
         "purify_fraction": purify_fraction, "attack": asdict(attack), "through_purifier": through_purifier,
-        "keep": keep, "defense": cfgmod.to_dict(profile)["defense"],
+        "textured_fraction": textured_fraction, "keep": keep, "defense": cfgmod.to_dict(profile)["defense"],
         "selection": ("the last epoch" if keep == "last" else
                       f"{'purified' if d.mode == 'always' else 'clean + purified'} (t={t_val}) val accuracy"),
     })

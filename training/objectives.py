@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from training import config as cfgmod
+from training.attacks.adaptive import textured_support
 from training.attacks.pgd import pgd
 from training.defense import DefensePipeline
 from training.diffusion import GaussianDiffusion, purify, to_diffusion_space
@@ -165,12 +166,21 @@ class AdversarialObjective:
 
     ``through``: a purifier ``(denoiser, diffusion, t_min, t_max, steps)``; the examples are then crafted on
     :class:`PurifiedClassifier` -- through the purification, exact gradients, fresh noise at every step.
+    ``textured_fraction`` of the examples perturb only the textured pixels (outside the flattest
+    ``flat_fraction`` and their neighbours: the suite's ``adaptive-textured`` attacker, a sparser perturbation
+    than dense L-inf PGD); the rest perturb every pixel.
     """
 
     base: object
     attack: cfgmod.AttackConfig
     fraction: float
     through: tuple | None = None
+    textured_fraction: float = 0.0
+    flat_fraction: float = 0.2
+
+    def __post_init__(self):
+        if not 0.0 <= self.textured_fraction <= 1.0 or not 0.0 <= self.flat_fraction < 1.0:
+            raise cfgmod.UsageError("textured_fraction must be in [0, 1] and flat_fraction in [0, 1)")
 
     def __call__(self, model, x, y, generator):
         n_adv = int(round(self.fraction * x.shape[0]))
@@ -179,7 +189,12 @@ class AdversarialObjective:
             was_training = model.training
             model.eval()
             target = model if self.through is None else PurifiedClassifier(model, *self.through, generator=generator)
-            x_adv = pgd(target, x[idx], y[idx], self.attack, generator)
+            support = None
+            n_tex = int(round(self.textured_fraction * n_adv))
+            if n_tex > 0:
+                support = torch.ones_like(x[idx])
+                support[:n_tex] = textured_support(x[idx[:n_tex]], self.flat_fraction)
+            x_adv = pgd(target, x[idx], y[idx], self.attack, generator, support=support)
             model.train(was_training)
             x = x.clone()
             x[idx] = x_adv

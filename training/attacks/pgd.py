@@ -49,8 +49,12 @@ def pgd(
     generator: torch.Generator | None = None,
     start: torch.Tensor | None = None,
     loss_fn=None,
+    support: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Adversarial ``x`` (detached, in [0, 1]) that maximises ``loss_fn(model(x_adv), y)`` (CE by default).
+
+    ``support`` (0/1, broadcastable to ``x``): the pixels the attack may change; the others keep their clean
+    value (e.g. :func:`training.attacks.adaptive.textured_support`, an attacker who leaves flat pixels alone).
 
     ``start`` fixes the initial perturbation (e.g. to compare with another
     library); otherwise it is drawn from ``generator`` when ``cfg.random_start``.
@@ -64,11 +68,15 @@ def pgd(
         delta = random_start(x, cfg, generator)
     else:
         delta = torch.zeros_like(x)
+    if support is not None:
+        delta = delta * support
     x_adv = (x + project(delta, cfg.norm, cfg.eps)).clamp(0.0, 1.0)
     for _ in range(cfg.steps):
         x_adv.requires_grad_(True)
         loss = loss_fn(model(x_adv), y)
         (grad,) = torch.autograd.grad(loss, x_adv)
+        if support is not None:
+            grad = grad * support
         with torch.no_grad():
             if cfg.norm == "linf":
                 x_adv = x_adv + cfg.step * grad.sign()

@@ -231,7 +231,7 @@ def classifier_objective(profile: cfgmod.Profile, defense: DefensePipeline | Non
         objective = PurifyingObjective(objective, defense)
     if fed.purify_fraction > 0 and fed.adv_fraction > 0:
         through = (defense.denoiser, defense.diffusion, d.t_min, d.t_max, d.steps) if fed.through_purifier else None
-        objective = AdversarialObjective(objective, fed.train_attack, fed.adv_fraction, through)
+        objective = AdversarialObjective(objective, fed.train_attack, fed.adv_fraction, through, fed.textured_fraction)
     return objective
 
 
