@@ -187,6 +187,8 @@ def finetune_classifier(run: str | Path, out: str | Path, *, epochs: int = 3, lr
     profile = _checked_profile(run, out, defense, epochs, adv_fraction, purify_fraction)
     if keep not in ("best", "last"):
         raise cfgmod.UsageError(f"keep must be 'best' or 'last', got {keep!r}")
+    if textured_fraction > 0 and adv_fraction == 0:
+        raise cfgmod.UsageError("textured_fraction needs adv_fraction > 0")
     attack = attack or cfgmod.AttackConfig(step=0.006, steps=3)
     source = source or read_source(run)
     data = task.site_data(source, profile, None, None)
@@ -199,8 +201,6 @@ def finetune_classifier(run: str | Path, out: str | Path, *, epochs: int = 3, lr
     if adv_fraction > 0:
         through = (denoiser, diffusion, d.t_min, d.t_max, d.steps) if through_purifier else None
         objective = AdversarialObjective(objective, attack, adv_fraction, through, textured_fraction)
-    elif textured_fraction > 0:
-        raise cfgmod.UsageError("textured_fraction needs adv_fraction > 0")
 
     cdir = _start_run_folder(run, out, profile, {
         "from_run": str(run), "epochs": epochs, "lr_scale": lr_scale, "adv_fraction": adv_fraction,

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from training import config as cfgmod
-from training.attacks.adaptive import textured_support
+from training.attacks.adaptive import AdaptiveConfig, textured_support
 from training.attacks.pgd import pgd
 from training.defense import DefensePipeline
 from training.diffusion import GaussianDiffusion, purify, to_diffusion_space
@@ -176,7 +176,7 @@ class AdversarialObjective:
     fraction: float
     through: tuple | None = None
     textured_fraction: float = 0.0
-    flat_fraction: float = 0.2
+    flat_fraction: float = AdaptiveConfig.flat_fraction  # the suite's textured attacker's
 
     def __post_init__(self):
         if not 0.0 <= self.textured_fraction <= 1.0 or not 0.0 <= self.flat_fraction < 1.0:
@@ -189,12 +189,12 @@ class AdversarialObjective:
             was_training = model.training
             model.eval()
             target = model if self.through is None else PurifiedClassifier(model, *self.through, generator=generator)
-            support = None
+            xa, support = x[idx], None
             n_tex = int(round(self.textured_fraction * n_adv))
             if n_tex > 0:
-                support = torch.ones_like(x[idx])
-                support[:n_tex] = textured_support(x[idx[:n_tex]], self.flat_fraction)
-            x_adv = pgd(target, x[idx], y[idx], self.attack, generator, support=support)
+                support = torch.ones_like(xa)
+                support[:n_tex] = textured_support(xa[:n_tex], self.flat_fraction)
+            x_adv = pgd(target, xa, y[idx], self.attack, generator, support=support)
             model.train(was_training)
             x = x.clone()
             x[idx] = x_adv
