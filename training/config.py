@@ -74,6 +74,9 @@ class ClassifierConfig:
     ``gate_balance`` > 0 adds ``gate_balance`` * (log K - H(batch-mean gate)):
     a load-balancing term that keeps every expert in use at every site (the
     entropy term acts per scan and lets a site route all its scans to one expert).
+    ``augment_kwargs``: keyword arguments of the training augmentation (:class:`training.data.augment.Augment`:
+    ``max_degrees``, ``p_hflip``, ``p_vflip``, ``brightness``, ``scale``, ``translate``, ``noise``); empty:
+    the paper's rotations, flips and brightness.
     """
 
     backbone: str = "resnet18"
@@ -89,6 +92,7 @@ class ClassifierConfig:
     norm_groups: int = 8
     logit_adjust: float = 0.0
     gate_balance: float = 0.0
+    augment_kwargs: dict = field(default_factory=dict)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self):
@@ -100,6 +104,20 @@ class ClassifierConfig:
             raise UsageError(f"classifier logit_adjust must be >= 0, got {self.logit_adjust}")
         if self.gate_balance < 0:
             raise UsageError(f"classifier gate_balance must be >= 0, got {self.gate_balance}")
+        self.make_augment()  # refuses unknown keys and out-of-range values here, not at the first batch
+
+    def make_augment(self):
+        """The training augmentation this configuration asks for."""
+        from training.data.augment import Augment
+
+        fields = set(Augment.__dataclass_fields__)
+        unknown = sorted(set(self.augment_kwargs) - fields)
+        if unknown:
+            raise UsageError(f"classifier augment_kwargs: unknown key(s) {', '.join(unknown)}; choose from {', '.join(sorted(fields))}")
+        try:
+            return Augment(**{k: float(v) for k, v in self.augment_kwargs.items()})
+        except (TypeError, ValueError) as err:
+            raise UsageError(f"classifier {err}") from None
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,6 @@ from torch import nn
 
 from training import config as cfgmod
 from training.attacks.pgd import pgd
-from training.data.augment import Augment
 from training.data.datasets import SPLITS, Dataset, Split, load_dataset
 from training.data.partition import class_shares, partition, partition_like
 from training.defense import DefensePipeline, calibrate_tau, detection_scores
@@ -333,7 +332,7 @@ def local_train(
         for epoch in range(epochs):
             stats = train_one_epoch(
                 model, batches(train.images, train.labels, bs, True, generator, drop_last=True),
-                objective, optimizer, generator=generator, augment=Augment(), lr_at=lr_at, start_step=step,
+                objective, optimizer, generator=generator, augment=profile.classifier.make_augment(), lr_at=lr_at, start_step=step,
                 grad_clip=opt.grad_clip, extra_loss=extra, progress=progress,
                 desc=f"site {data.site} {phase} r{server_round} e{epoch + 1}/{epochs}",
             )

@@ -32,10 +32,30 @@ RECIPES = {
     "la-avgm-bs8-gb": {"classifier": {"logit_adjust": 1.0, "gate_balance": 0.1}, "classifier.optim": {"batch_size": 8},
                        "federated": {"server_opt": "fedavgm", "server_momentum": 0.5}},
     "la-prox": {"classifier": {"logit_adjust": 1.0}, "federated": {"proximal_mu": 0.01}},
+    "la-avgm-bs8-prox": {"classifier": {"logit_adjust": 1.0}, "classifier.optim": {"batch_size": 8},
+                         "federated": {"server_opt": "fedavgm", "server_momentum": 0.5, "proximal_mu": 0.01}},
+    "la-avgm-bs8-fedbn": {"classifier": {"logit_adjust": 1.0}, "classifier.optim": {"batch_size": 8},
+                          "federated": {"server_opt": "fedavgm", "server_momentum": 0.5, "fedbn": True}},
+    "la-avgm-bs8-lr1": {"classifier": {"logit_adjust": 1.0}, "classifier.optim": {"batch_size": 8, "lr": 1e-3},
+                        "federated": {"server_opt": "fedavgm", "server_momentum": 0.5}},
+    "la-avgm-bs8-aug": {"classifier": {"logit_adjust": 1.0,
+                                       "augment_kwargs": {"scale": 0.1, "translate": 0.05, "noise": 0.02}},
+                        "classifier.optim": {"batch_size": 8},
+                        "federated": {"server_opt": "fedavgm", "server_momentum": 0.5}},
+    "la-avgm7-bs8": {"classifier": {"logit_adjust": 1.0}, "classifier.optim": {"batch_size": 8},
+                     "federated": {"server_opt": "fedavgm", "server_momentum": 0.7}},
+    "la-adam-bs8": {"classifier": {"logit_adjust": 1.0}, "classifier.optim": {"batch_size": 8},
+                    "federated": {"server_opt": "fedadam", "server_lr": 0.01, "server_momentum": 0.9}},
+    "la-adam3-bs8": {"classifier": {"logit_adjust": 1.0}, "classifier.optim": {"batch_size": 8},
+                     "federated": {"server_opt": "fedadam", "server_lr": 0.03, "server_momentum": 0.9}},
+    "la-yogi-bs8": {"classifier": {"logit_adjust": 1.0}, "classifier.optim": {"batch_size": 8},
+                    "federated": {"server_opt": "fedyogi", "server_lr": 0.01, "server_momentum": 0.9}},
 }
 
 
 def value(v):
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
     return ("true" if v else "false") if isinstance(v, bool) else (f'"{v}"' if isinstance(v, str) else repr(v))
 
 
