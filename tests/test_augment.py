@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from training import config as cfgmod
-from training.data.augment import Augment
+from training.data.augment import Augment, augmentation
 
 
 def _square(n: int = 16, size: int = 32, half: int = 6) -> torch.Tensor:
@@ -57,3 +57,9 @@ def test_config_carries_the_augmentation_and_refuses_bad_keys(tmp_path):
         cfgmod.resolve("edge", {"classifier": {"augment_kwargs": {"zoom": 0.1}}})
     with pytest.raises(cfgmod.UsageError, match="scale"):
         cfgmod.resolve("edge", {"classifier": {"augment_kwargs": {"scale": 1.5}}})
+
+
+def test_only_the_classifier_takes_the_configured_augmentation():
+    p = cfgmod.resolve("edge", {"classifier": {"augment_kwargs": {"noise": 0.05}}})
+    assert augmentation(p, "classifier").noise == 0.05
+    assert augmentation(p, "denoiser") == Augment() and augmentation(p, "detector") == Augment()

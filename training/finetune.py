@@ -48,6 +48,7 @@ import torch
 
 from training import config as cfgmod
 from training.checkpoint import load_checkpoint, save_checkpoint
+from training.data.augment import augmentation
 from training.data.datasets import Split
 from training.diffusion import GaussianDiffusion, purify
 from training.engine import batches, channels_last, cosine_lr, make_optimizer, train_one_epoch
@@ -155,7 +156,7 @@ def _finetune_epochs(model, objective, denoiser, diffusion, data, profile: cfgmo
         with channels_last(model):
             stats = train_one_epoch(
                 model, batches(train.images, train.labels, opt_cfg.batch_size, True, generator, drop_last=True),
-                objective, optimizer, generator=generator, augment=profile.classifier.make_augment(), lr_at=lr_at, start_step=step,
+                objective, optimizer, generator=generator, augment=augmentation(profile, "classifier"), lr_at=lr_at, start_step=step,
                 grad_clip=opt_cfg.grad_clip, desc=f"finetune {epoch + 1}/{epochs}", progress=progress,
             )
         step += stats["steps"]

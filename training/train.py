@@ -20,6 +20,7 @@ import torch
 
 from training import config as cfgmod
 from training.checkpoint import load_checkpoint, save_checkpoint
+from training.data.augment import augmentation
 from training.data.datasets import Dataset, Split
 from training.diffusion import GaussianDiffusion
 from training.engine import (
@@ -138,7 +139,7 @@ def train_component(
     optimizer = make_optimizer(model.parameters(), opt_cfg)
     generator = torch.Generator().manual_seed(profile.seed)
     objective = make_objective(component, profile)
-    augment = profile.classifier.make_augment()
+    augment = augmentation(profile, component)
     train, val = data["train"], data["val"]
     lr_at = _lr_schedule(opt_cfg, epochs, len(train))
     start_epoch, step, best, history = 0, 0, None, []

@@ -56,3 +56,10 @@ class Augment:
         if self.noise > 0:
             out = out + self.noise * torch.randn(out.shape, generator=generator).to(x)
         return out.clamp(0.0, 1.0)
+
+
+def augmentation(profile, component: str) -> Augment:
+    """The augmentation ``component`` trains with: the classifier's configured one
+    (``classifier.augment_kwargs``), the paper's for the denoiser and detector (whose targets are the scans
+    themselves: noise added to them would be learnt)."""
+    return profile.classifier.make_augment() if component == "classifier" else Augment()

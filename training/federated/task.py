@@ -36,6 +36,7 @@ from torch import nn
 
 from training import config as cfgmod
 from training.attacks.pgd import pgd
+from training.data.augment import augmentation
 from training.data.datasets import SPLITS, Dataset, Split, load_dataset
 from training.data.partition import class_shares, partition, partition_like
 from training.defense import DefensePipeline, calibrate_tau, detection_scores
@@ -327,12 +328,13 @@ def local_train(
     sums: dict[str, float] = {}
     step, seen = start, 0
     warmup = phase == "classifier" and server_round <= fed.gate_warmup_rounds and hasattr(model, "uniform_mixing")
+    augment = augmentation(profile, phase)
     # gate warm-up: the gates left as they are
     with model.uniform_mixing() if warmup else contextlib.nullcontext(), channels_last(model, phase == "classifier"):
         for epoch in range(epochs):
             stats = train_one_epoch(
                 model, batches(train.images, train.labels, bs, True, generator, drop_last=True),
-                objective, optimizer, generator=generator, augment=profile.classifier.make_augment(), lr_at=lr_at, start_step=step,
+                objective, optimizer, generator=generator, augment=augment, lr_at=lr_at, start_step=step,
                 grad_clip=opt.grad_clip, extra_loss=extra, progress=progress,
                 desc=f"site {data.site} {phase} r{server_round} e{epoch + 1}/{epochs}",
             )
