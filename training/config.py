@@ -533,7 +533,7 @@ def _demo(tiny: Profile) -> Profile:
         # (its scanner's), more rounds of fewer local epochs, server momentum.
         classifier=replace(tiny.classifier, backbone_kwargs={"channels": [16, 32, 64, 128]}, head_hidden=64,
                            optim=replace(tiny.classifier.optim, lr=3e-3)),
-        federated=replace(tiny.federated, method="medfedpure", sites=4, partition="profile", rounds=16, local_epochs=2,
+        federated=replace(tiny.federated, method="medfedpure", sites=4, partition="profile", rounds=20, local_epochs=2,
                           defense_rounds=4, defense_local_epochs=2, eval_max=0, eval_every=8, fedbn=True,
                           server_opt="fedavgm", server_momentum=0.5,
                           train_attack=AttackConfig(steps=3, step=0.006), eval_attack=AttackConfig()),
