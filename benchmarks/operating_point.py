@@ -46,12 +46,13 @@ def analyse(run: str, site: int = 0, source: str | None = None) -> dict:
         raise ValueError(f"{run}: no pooled validation and test scans for site {site}")
     positive = positive_class(s.data.class_names)
     out = {"run": run, "site": site}
-    for part in ("val", "test"):
-        sp = pooled[part]
-        m, y = margins(s.classifier, sp, positive), (sp.labels == positive).astype(int)
+    scored = {part: (margins(s.classifier, pooled[part], positive), (pooled[part].labels == positive).astype(int))
+              for part in ("val", "test")}
+    for part, (m, y) in scored.items():
         cut, best = best_margin(m, y)
         out[part] = {"scans": len(y), "auc": roc_auc(m[y == 0], m[y == 1]),
                      "balanced_at_0": balanced_accuracy(y, (m > 0).astype(int)), "best_balanced": best, "best_margin": cut}
+    m, y = scored["test"]
     out["test"]["balanced_at_val_margin"] = balanced_accuracy(y, (m > out["val"]["best_margin"]).astype(int))
     return out
 
