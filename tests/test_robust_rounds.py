@@ -62,7 +62,27 @@ def test_robust_rounds_restart_the_schedule_at_the_scaled_rate():
     assert start == 3 * steps and lr_at(5 * steps) == pytest.approx(0.01 * lr)
 
 
+def test_adversarial_trains_medfedpure_on_pgd_examples_without_purifying():
+    # the default adv_fraction (0.5) does nothing for medfedpure on its own: no purified fraction, no switch
+    assert isinstance(task.classifier_objective(_mfp(), _defense(), server_round=1), ClassifierObjective)
+    p = _mfp(adversarial=True, adv_fraction=0.25)
+    for defense in (None, _defense()):  # the PGD examples need no denoiser at the site
+        obj = task.classifier_objective(p, defense, server_round=1)
+        assert isinstance(obj, AdversarialObjective) and obj.fraction == 0.25 and obj.through is None
+        assert isinstance(obj.base, ClassifierObjective)  # nothing purified
+    through = task.classifier_objective(_mfp(adversarial=True, through_purifier=True), _defense(), server_round=1)
+    assert isinstance(through, AdversarialObjective) and through.through is not None
+    with pytest.raises(ValueError, match="denoiser"):
+        task.classifier_objective(_mfp(adversarial=True, through_purifier=True), None, server_round=1)
+    # with robust rounds only they are adversarial
+    late = _mfp(adversarial=True, robust_rounds=2)
+    assert isinstance(task.classifier_objective(late, None, server_round=3), ClassifierObjective)
+    assert isinstance(task.classifier_objective(late, None, server_round=4), AdversarialObjective)
+
+
 @pytest.mark.parametrize("fed", [
+    {"adversarial": True, "adv_fraction": 0.0},
+    {"adversarial": True, "method": "pfeddef"},
     {"robust_rounds": 5},
     {"robust_rounds": -1},
     {"robust_lr_scale": 0.0},

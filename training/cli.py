@@ -50,9 +50,11 @@ FED_FLAGS: dict[str, FedFlag] = {  # every scalar FederatedConfig field, in the 
     "bn_recalibrate": FedFlag("pool the sites' batch-norm statistics of the aggregated classifier before each evaluation"),
     "gate_warmup_rounds": FedFlag("medfedpure: first N classifier rounds with uniform gates (experts all trained)"),
     "adv_fraction": FedFlag("fraction of each batch trained adversarially (fat, pfeddef; medfedpure with "
-                            "--purify-fraction)"),
+                            "--purify-fraction or --adversarial)"),
     "purify_train": FedFlag("medfedpure: purify flagged training scans (Alg. 3)"),
     "purify_fraction": FedFlag("medfedpure: fraction of each batch purified (purification-consistent training)"),
+    "adversarial": FedFlag("medfedpure: train on --adv-fraction PGD examples in every robust round, without "
+                           "purifying (pFedDef's adversarial training on the mixture)"),
     "through_purifier": FedFlag("medfedpure: craft the --adv-fraction examples through the purifier (exact "
                                 "gradients), not on the classifier alone"),
     "textured_fraction": FedFlag("medfedpure: fraction of the --adv-fraction examples that perturb only textured "

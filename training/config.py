@@ -266,7 +266,9 @@ class FederatedConfig:
     (t* uniform in the defense's range, the defense's steps), and
     ``adv_fraction`` of it is PGD examples made first, so the classifier sees
     what the pipeline feeds it (see ``training/finetune.py``).
-    ``through_purifier`` (medfedpure, with ``purify_fraction`` and ``adv_fraction``): the PGD examples are
+    ``adversarial`` (medfedpure): ``adv_fraction`` of every local batch is PGD examples even without
+    ``purify_fraction`` (pFedDef's adversarial training on the MedFedPure mixture; the scans are not purified).
+    ``through_purifier`` (medfedpure, with ``adv_fraction`` and ``purify_fraction`` or ``adversarial``): the PGD examples are
     crafted through the purification (exact gradients through the denoiser, a fresh t* and noise at every
     step), i.e. against an attacker who knows the purifier, as ``finetune --through-purifier`` does.
     ``textured_fraction`` of those examples perturb only the textured pixels (the flattest fifth and their
@@ -335,6 +337,7 @@ class FederatedConfig:
     adv_fraction: float = 0.5
     purify_train: bool = False
     purify_fraction: float = 0.0
+    adversarial: bool = False
     through_purifier: bool = False
     textured_fraction: float = 0.0
     robust_rounds: int = 0
@@ -399,9 +402,13 @@ class FederatedConfig:
             raise UsageError(f"robust_lr_scale must be > 0, got {self.robust_lr_scale}")
         if not 0.0 <= self.textured_fraction <= 1.0:
             raise UsageError(f"textured_fraction must be in [0, 1], got {self.textured_fraction}")
-        if self.through_purifier and not (self.method == "medfedpure" and self.purify_fraction > 0
+        if self.adversarial and not (self.method == "medfedpure" and self.adv_fraction > 0):
+            raise UsageError("adversarial needs method medfedpure and adv_fraction > 0 (fat and pfeddef always "
+                             "train adversarially)")
+        if self.through_purifier and not (self.method == "medfedpure" and (self.purify_fraction > 0 or self.adversarial)
                                           and self.adv_fraction > 0):
-            raise UsageError("through_purifier needs method medfedpure with purify_fraction > 0 and adv_fraction > 0")
+            raise UsageError("through_purifier needs method medfedpure with adv_fraction > 0 and purify_fraction > 0 "
+                             "or adversarial")
         try:
             parse_scheme(self.partition)
         except ValueError as err:

@@ -60,7 +60,7 @@ def prepare_run(profile: cfgmod.Profile, data_source: str, out: str | Path, *, r
 
 # What may differ between a run and its continuation: how many classifier rounds, and what the last ones train on.
 CONTINUABLE = ("rounds", "robust_rounds", "robust_lr_scale", "adv_fraction", "purify_fraction", "purify_train",
-               "through_purifier", "textured_fraction", "train_attack", "eval_attack", "eval_every", "eval_max")
+               "adversarial", "through_purifier", "textured_fraction", "train_attack", "eval_attack", "eval_every", "eval_max")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

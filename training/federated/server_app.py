@@ -240,7 +240,7 @@ def _train_round(grid: Grid, ph: _Phase, fed: cfgmod.FederatedConfig, rnd: int, 
     msgs = list(ph.strategy.configure_train(rnd, arrays, ConfigRecord(dict(ph.base_cfg)), grid))
     for m in msgs:
         for name, rec in ph.extra.items():
-            if fed.purify_train or fed.purify_fraction > 0:
+            if fed.purify_train or fed.purify_fraction > 0 or fed.through_purifier:
                 m.content[name] = rec
     replies = list(grid.send_and_receive(msgs, timeout=ROUND_TIMEOUT))
     ok = _check(replies, len(msgs), f"{ph.name} round {rnd} training", log)

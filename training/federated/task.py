@@ -222,14 +222,16 @@ def classifier_objective(profile: cfgmod.Profile, defense: DefensePipeline | Non
         return objective
     if fed.method in ("fat", "pfeddef") and fed.adv_fraction > 0:
         return AdversarialObjective(objective, fed.train_attack, fed.adv_fraction)
-    if fed.method != "medfedpure" or defense is None:
+    if fed.method != "medfedpure":
         return objective
-    if fed.purify_fraction > 0:
+    if defense is not None and fed.purify_fraction > 0:
         objective = PurifiedAugmentObjective(objective, defense.denoiser, defense.diffusion, fed.purify_fraction,
                                              d.t_min, d.t_max, d.steps)
-    if fed.purify_train:
+    if defense is not None and fed.purify_train:
         objective = PurifyingObjective(objective, defense)
-    if fed.purify_fraction > 0 and fed.adv_fraction > 0:
+    if fed.adv_fraction > 0 and (fed.adversarial or (defense is not None and fed.purify_fraction > 0)):
+        if fed.through_purifier and defense is None:
+            raise ValueError("through_purifier: the site has no denoiser to craft the examples through")
         through = (defense.denoiser, defense.diffusion, d.t_min, d.t_max, d.steps) if fed.through_purifier else None
         objective = AdversarialObjective(objective, fed.train_attack, fed.adv_fraction, through, fed.textured_fraction)
     return objective
