@@ -28,7 +28,9 @@ FED_VALUES = {
     "server_lr": 0.5, "server_momentum": 0.5, "robust_rounds": 1, "robust_lr_scale": 0.5,
 }
 # fields valid with another method only: set in a second run of the same checks
-MEDFEDPURE_VALUES = {"method": "medfedpure", "through_purifier": True, "textured_fraction": 0.5}
+MEDFEDPURE_VALUES = {"method": "medfedpure", "adversarial": True, "through_purifier": True, "textured_fraction": 0.5}
+# SCAFFOLD needs the plain average and no privacy noise: set in a third run
+SCAFFOLD_VALUES = {"scaffold": True, "aggregation": "fedavg", "dp_clip": 0.0, "dp_sigma": 0.0, "dp_weight_sigma": 0.0}
 
 
 class Stop(Exception):
@@ -60,7 +62,7 @@ def _one_line_error(capsys) -> str:
 
 
 def test_every_federated_field_has_one_flag():
-    assert set(cli.FED_FLAGS) == SCALAR_FIELDS == set(FED_VALUES) | set(MEDFEDPURE_VALUES)
+    assert set(cli.FED_FLAGS) == SCALAR_FIELDS == set(FED_VALUES) | set(MEDFEDPURE_VALUES) | set(SCAFFOLD_VALUES)
     assert {"--" + f.replace("_", "-") for f in SCALAR_FIELDS} <= _options("train")
 
 
@@ -79,6 +81,10 @@ def test_deploy_prepare_writes_every_federated_flag(tmp_path, capsys):
     values = {**FED_VALUES, **MEDFEDPURE_VALUES}
     assert cli.main(["deploy-prepare", "--out", str(tmp_path / "mfp"), "--profile", "tiny", *_argv(values)]) == 0
     fed = C.load_toml(tmp_path / "mfp" / "config.toml").federated
+    assert {name: getattr(fed, name) for name in values} == values
+    values = {**FED_VALUES, **SCAFFOLD_VALUES}
+    assert cli.main(["deploy-prepare", "--out", str(tmp_path / "scaffold"), "--profile", "tiny", *_argv(values)]) == 0
+    fed = C.load_toml(tmp_path / "scaffold" / "config.toml").federated
     assert {name: getattr(fed, name) for name in values} == values
 
 

@@ -78,6 +78,8 @@ FED_FLAGS: dict[str, FedFlag] = {  # every scalar FederatedConfig field, in the 
     "feature_skew": FedFlag("simulation: each site's scans re-acquired by its own scanner profile (A-D)", "defenses"),
     "server_opt": FedFlag("classifier phase: how the server applies the averaged update (Flower's FedAvgM, FedAdam, "
                           "FedYogi; default fedavg)", choices=cfgmod.SERVER_OPTS),
+    "scaffold": FedFlag("classifier phase: SCAFFOLD control variates (each local step corrected by the "
+                        "federation's mean gradient minus the site's)"),
     "server_lr": FedFlag("server step size of --server-opt"),
     "server_momentum": FedFlag("server momentum (FedAvgM) or beta_1 (FedAdam, FedYogi)"),
 }

@@ -314,6 +314,10 @@ class FederatedConfig:
     ``training/data/phantom.py``): the same anatomy looks different at each
     site, as with different scanners.
 
+    ``scaffold`` (classifier phase, ``fedavg`` aggregation, any ``server_opt``): SCAFFOLD's control
+    variates -- every local step's gradient is corrected by the federation's mean gradient minus the
+    site's own (``training/federated/scaffold.py``), against the drift of label-skewed sites.
+
     ``server_opt`` (classifier phase, ``fedavg`` aggregation): how the server
     applies the sites' averaged update -- ``fedavg`` (replace the global
     weights by the average), or Flower's ``fedavgm`` (server momentum
@@ -359,6 +363,7 @@ class FederatedConfig:
     dp_delta: float = 1e-5
     feature_skew: bool = False
     server_opt: str = "fedavg"
+    scaffold: bool = False
     server_lr: float = 1.0
     server_momentum: float = 0.9
 
@@ -368,6 +373,11 @@ class FederatedConfig:
         if self.server_opt != "fedavg" and self.aggregation != "fedavg":
             raise UsageError(f"server_opt {self.server_opt!r} applies to the fedavg aggregation only, "
                              f"not {self.aggregation!r}")
+        if self.scaffold and (self.method == "local" or self.aggregation != "fedavg"):
+            raise UsageError("scaffold needs a federated method with the fedavg aggregation")
+        if self.scaffold and (self.dp_clip > 0 or self.dp_weight_sigma > 0):
+            raise UsageError("scaffold sends each site's mean gradient, which the privacy accounting does not "
+                             "cover: use it without dp_clip / dp_weight_sigma")
         if self.server_lr <= 0 or not 0.0 <= self.server_momentum < 1.0:
             raise UsageError("server_lr must be > 0 and server_momentum in [0, 1)")
         if self.aggregation not in AGGREGATIONS:

@@ -80,6 +80,7 @@ def train_one_epoch(
     start_step: int = 0,
     grad_clip: float | None = None,
     extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
+    after_backward: Callable[[nn.Module], None] | None = None,
     desc: str = "train",
     progress: bool = True,
 ) -> dict:
@@ -87,7 +88,9 @@ def train_one_epoch(
 
     ``objective(model, x, y, generator) -> (loss, metrics)``; ``lr_at(step)``
     sets the learning rate per optimiser step; ``extra_loss(model)`` is added
-    to the loss (e.g. a proximal term in a federated round). Returns the
+    to the loss (e.g. a proximal term in a federated round);
+    ``after_backward(model)`` sees (and may change) the gradients before
+    clipping and the step (e.g. SCAFFOLD's correction). Returns the
     sample-weighted means of the loss and metrics, the number of steps and
     samples, and the wall time.
     """
@@ -108,6 +111,8 @@ def train_one_epoch(
             raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if after_backward is not None:
+            after_backward(model)
         if grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()

@@ -34,7 +34,7 @@ from flwr.clientapp import ClientApp
 
 from training import config as cfgmod
 from training.checkpoint import save_checkpoint
-from training.federated import poison, privacy, task
+from training.federated import poison, privacy, scaffold, task
 
 app = ClientApp()
 
@@ -204,10 +204,17 @@ def train(msg: Message, context: Context) -> Message:
     global_shared = {k2: v.clone() for k2, v in model.state_dict().items() if k2 not in keys}
     # the site's optimizer moments after its previous round, if any
     moments = {k2: v for k2, v in local.items() if k2.startswith(task.OPTIM_PREFIX)} if fed.keep_optimizer_state else None
+    correction = None
+    if phase == "classifier" and fed.scaffold:  # c from the server, c_i from the site's previous round
+        server_c = (msg.content[scaffold.SERVER_RECORD].to_torch_state_dict()
+                    if scaffold.SERVER_RECORD in msg.content else {})
+        correction = scaffold.ScaffoldCorrection(model, global_shared, server_c, scaffold.site_control(local or {}))
     stats = task.local_train(phase, model, data, profile, rnd, defense=defense, global_shared=global_shared,
-                             optimizer_state=moments)
+                             optimizer_state=moments, correction=correction)
     state = model.state_dict()
-    _save_local(context, state_dir, phase, rnd, {**{k2: v for k2, v in state.items() if k2 in keys}, **(moments or {})})
+    control = scaffold.saved_control(correction.control()) if correction is not None else {}
+    _save_local(context, state_dir, phase, rnd,
+                {**{k2: v for k2, v in state.items() if k2 in keys}, **(moments or {}), **control})
     shared = _outgoing(profile, phase, rnd, site, model, state, global_shared, received, malicious)
     stats["update_norm"] = privacy.update_norm({k2: state[k2] - global_shared[k2] for k2 in received
                                                 if state[k2].is_floating_point()})  # before clipping / poisoning
@@ -216,6 +223,8 @@ def train(msg: Message, context: Context) -> Message:
     info = ConfigRecord({"split-digest": data.digest, "state-dir": str(state_dir)})
     content = RecordDict({"arrays": ArrayRecord(shared), "metrics": _metrics(stats, data.site if k is not None else -1),
                           "site-info": info})
+    if correction is not None:
+        content[scaffold.DELTA_RECORD] = ArrayRecord(correction.delta())
     return Message(content=content, reply_to=msg)
 
 

@@ -36,7 +36,7 @@ from flwr.serverapp.strategy import FedAvg
 from runtime.markdown import table
 from training import config as cfgmod
 from training.checkpoint import save_checkpoint
-from training.federated import task
+from training.federated import scaffold, task
 from training.federated.privacy import PrivacyLedger
 from training.federated.strategies import RootSet, ServerOptimizer, make_strategy
 from training.runs import data_record
@@ -158,6 +158,8 @@ class _Phase:
     extra: dict[str, ArrayRecord]
     ledger: PrivacyLedger | None
     opt_file: Path
+    control: dict[str, torch.Tensor] | None = None  # SCAFFOLD's c (scaffold), saved with every round
+    control_file: Path | None = None
 
 
 def _start_arrays(run_dir: Path, phase: str, model, shared: list[str], done: int, rounds: int, log) -> ArrayRecord:
@@ -211,7 +213,16 @@ def _prepare_phase(run_dir: Path, profile: cfgmod.Profile, phase: str, done: int
     extra = {}
     if phase == "classifier" and fed.method == "medfedpure":
         extra = {name: globals_[name] for name in ("detector", "denoiser") if name in globals_}
-    return _Phase(phase, rounds, strategy, base_cfg, extra, ledger, opt_file), model, arrays
+    control, control_file = None, None
+    if phase == "classifier" and fed.scaffold:
+        control_file = run_dir / "server" / f"{phase}-control.pt"
+        control = {}
+        if done:
+            if not control_file.exists():
+                raise FileNotFoundError(f"{control_file} is missing: the run cannot resume SCAFFOLD's control "
+                                        f"variate after round {done}")
+            control = torch.load(control_file, map_location="cpu", weights_only=True)
+    return _Phase(phase, rounds, strategy, base_cfg, extra, ledger, opt_file, control, control_file), model, arrays
 
 
 def _mark_trust(rows: list[dict], strategy) -> None:
@@ -242,8 +253,18 @@ def _train_round(grid: Grid, ph: _Phase, fed: cfgmod.FederatedConfig, rnd: int, 
         for name, rec in ph.extra.items():
             if fed.purify_train or fed.purify_fraction > 0 or fed.through_purifier:
                 m.content[name] = rec
+        if ph.control:
+            m.content[scaffold.SERVER_RECORD] = ArrayRecord(ph.control)
     replies = list(grid.send_and_receive(msgs, timeout=ROUND_TIMEOUT))
     ok = _check(replies, len(msgs), f"{ph.name} round {rnd} training", log)
+    if ph.control is not None:  # the sites' changes of c_i move c; the strategy sees the weights only
+        deltas = []
+        for m in ok:
+            if scaffold.DELTA_RECORD not in m.content:
+                raise RuntimeError(f"{ph.name} round {rnd}: a site sent no SCAFFOLD control change")
+            deltas.append(m.content[scaffold.DELTA_RECORD].to_torch_state_dict())
+            del m.content[scaffold.DELTA_RECORD]
+        ph.control = scaffold.server_update(ph.control, deltas, fed.sites)
     new_arrays, _ = ph.strategy.aggregate_train(rnd, ok)
     if new_arrays is None:
         raise RuntimeError(f"{ph.name} round {rnd}: the strategy could not aggregate the sites' updates")
@@ -295,6 +316,8 @@ def _run_round(grid: Grid, run_dir: Path, ph: _Phase, fed: cfgmod.FederatedConfi
     _save(run_dir / "server" / f"{ph.name}.pt", arrays.to_torch_state_dict())
     if isinstance(ph.strategy, ServerOptimizer):
         _save(ph.opt_file, ph.strategy.state())
+    if ph.control is not None:
+        _save(ph.control_file, ph.control)
     state.mark(ph.name, rnd, time.perf_counter() - t0)
     return arrays
 

@@ -306,13 +306,16 @@ def local_train(
     defense: DefensePipeline | None = None,
     global_shared: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict[str, torch.Tensor] | None = None,
+    correction=None,
     progress: bool = False,
 ) -> dict:
     """E local epochs of ``phase`` on the site's training scans; returns mean metrics and sample count.
 
     ``optimizer_state`` (``keep_optimizer_state``): the optimizer starts from
     these arrays (the site's moments after its previous round) and the dict is
-    replaced in place by the moments after this round.
+    replaced in place by the moments after this round. ``correction``: called
+    on the model after every backward pass (SCAFFOLD's
+    :class:`~training.federated.scaffold.ScaffoldCorrection`).
     """
     fed = profile.federated
     opt = getattr(profile, phase).optim
@@ -337,7 +340,7 @@ def local_train(
             stats = train_one_epoch(
                 model, batches(train.images, train.labels, bs, True, generator, drop_last=True),
                 objective, optimizer, generator=generator, augment=augment, lr_at=lr_at, start_step=step,
-                grad_clip=opt.grad_clip, extra_loss=extra, progress=progress,
+                grad_clip=opt.grad_clip, extra_loss=extra, after_backward=correction, progress=progress,
                 desc=f"site {data.site} {phase} r{server_round} e{epoch + 1}/{epochs}",
             )
             step += stats["steps"]
