@@ -25,7 +25,7 @@ FED_VALUES = {
     "purify_fraction": 0.5, "eval_every": 2, "eval_max": 7, "aggregation": "krum", "byzantine": 1, "trim_beta": 0.1,
     "root_size": 32, "poison": "scaling", "malicious_fraction": 0.25, "poison_scale": 5.0, "dp_clip": 1.0,
     "dp_sigma": 0.5, "dp_weight_sigma": 0.01, "dp_delta": 1e-6, "feature_skew": True, "server_opt": "fedavg",
-    "server_lr": 0.5, "server_momentum": 0.5, "robust_rounds": 1, "robust_lr_scale": 0.5,
+    "server_lr": 0.5, "server_momentum": 0.5, "robust_rounds": 1, "robust_lr_scale": 0.5, "swa_rounds": 2,
 }
 # fields valid with another method only: set in a second run of the same checks
 MEDFEDPURE_VALUES = {"method": "medfedpure", "adversarial": True, "through_purifier": True, "textured_fraction": 0.5}

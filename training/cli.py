@@ -80,6 +80,8 @@ FED_FLAGS: dict[str, FedFlag] = {  # every scalar FederatedConfig field, in the 
                           "FedYogi; default fedavg)", choices=cfgmod.SERVER_OPTS),
     "scaffold": FedFlag("classifier phase: SCAFFOLD control variates (each local step corrected by the "
                         "federation's mean gradient minus the site's)"),
+    "swa_rounds": FedFlag("classifier phase: the sites keep the mean of the last N rounds' aggregated classifiers "
+                          "(weight averaging across rounds; batch-norm statistics measured again)"),
     "server_lr": FedFlag("server step size of --server-opt"),
     "server_momentum": FedFlag("server momentum (FedAvgM) or beta_1 (FedAdam, FedYogi)"),
 }

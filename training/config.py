@@ -318,6 +318,11 @@ class FederatedConfig:
     variates -- every local step's gradient is corrected by the federation's mean gradient minus the
     site's own (``training/federated/scaffold.py``), against the drift of label-skewed sites.
 
+    ``swa_rounds`` > 0 (classifier phase): stochastic weight averaging across rounds -- the classifier the
+    sites keep is the mean of the shared arrays the server aggregated in the phase's last ``swa_rounds``
+    rounds, its batch-norm statistics measured again at the sites (``training/federated/swa.py``); the rounds
+    themselves train on from the unaveraged arrays.
+
     ``server_opt`` (classifier phase, ``fedavg`` aggregation): how the server
     applies the sites' averaged update -- ``fedavg`` (replace the global
     weights by the average), or Flower's ``fedavgm`` (server momentum
@@ -364,6 +369,7 @@ class FederatedConfig:
     feature_skew: bool = False
     server_opt: str = "fedavg"
     scaffold: bool = False
+    swa_rounds: int = 0
     server_lr: float = 1.0
     server_momentum: float = 0.9
 
@@ -378,6 +384,10 @@ class FederatedConfig:
         if self.scaffold and (self.dp_clip > 0 or self.dp_weight_sigma > 0):
             raise UsageError("scaffold sends each site's mean gradient, which the privacy accounting does not "
                              "cover: use it without dp_clip / dp_weight_sigma")
+        if not 0 <= self.swa_rounds <= self.rounds:
+            raise UsageError(f"swa_rounds must be in [0, rounds], got {self.swa_rounds}")
+        if self.swa_rounds and self.method == "local":
+            raise UsageError("swa_rounds averages the federation's shared arrays: not with method local")
         if self.server_lr <= 0 or not 0.0 <= self.server_momentum < 1.0:
             raise UsageError("server_lr must be > 0 and server_momentum in [0, 1)")
         if self.aggregation not in AGGREGATIONS:

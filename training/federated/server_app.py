@@ -11,6 +11,8 @@ Run folder::
     RUN/config.toml                       resolved configuration (profile + federated)
     RUN/server/state.json                 last finished round per phase
     RUN/server/<phase>.pt                 global shared arrays after that round
+    RUN/server/classifier-swa.pt          with swa_rounds: the running mean across the last rounds
+    RUN/server/classifier-kept.pt         with swa_rounds: that mean, batch-norm measured again (what sites keep)
     RUN/metrics/rounds.jsonl | .csv       per round, per site: train and evaluation figures
     RUN/{denoiser,detector}/best.pt       global models, in the centralised checkpoint format
     RUN/sites/site-<k>/classifier.pt      site k's classifier (shared experts + its gates)
@@ -36,7 +38,7 @@ from flwr.serverapp.strategy import FedAvg
 from runtime.markdown import table
 from training import config as cfgmod
 from training.checkpoint import save_checkpoint
-from training.federated import scaffold, task
+from training.federated import scaffold, swa, task
 from training.federated.privacy import PrivacyLedger
 from training.federated.strategies import RootSet, ServerOptimizer, make_strategy
 from training.runs import data_record
@@ -160,6 +162,8 @@ class _Phase:
     opt_file: Path
     control: dict[str, torch.Tensor] | None = None  # SCAFFOLD's c (scaffold), saved with every round
     control_file: Path | None = None
+    average: swa.RoundAverage | None = None  # the weight average across the last rounds (swa_rounds)
+    average_file: Path | None = None
 
 
 def _start_arrays(run_dir: Path, phase: str, model, shared: list[str], done: int, rounds: int, log) -> ArrayRecord:
@@ -222,7 +226,12 @@ def _prepare_phase(run_dir: Path, profile: cfgmod.Profile, phase: str, done: int
                 raise FileNotFoundError(f"{control_file} is missing: the run cannot resume SCAFFOLD's control "
                                         f"variate after round {done}")
             control = torch.load(control_file, map_location="cpu", weights_only=True)
-    return _Phase(phase, rounds, strategy, base_cfg, extra, ledger, opt_file, control, control_file), model, arrays
+    average, average_file = None, None
+    if phase == "classifier" and fed.swa_rounds:
+        average_file = run_dir / "server" / f"{phase}-swa.pt"
+        average = swa.load(average_file, done, rounds, fed.swa_rounds)
+    return (_Phase(phase, rounds, strategy, base_cfg, extra, ledger, opt_file, control, control_file, average,
+                   average_file), model, arrays)
 
 
 def _mark_trust(rows: list[dict], strategy) -> None:
@@ -306,10 +315,18 @@ def _run_round(grid: Grid, run_dir: Path, ph: _Phase, fed: cfgmod.FederatedConfi
     """Train (and evaluate, when due) one round; its rows, arrays, optimizer state and time saved."""
     t0 = time.perf_counter()
     arrays, train_rows = _train_round(grid, ph, fed, rnd, arrays, log)
+    if ph.average is not None and rnd >= swa.first_round(ph.rounds, fed.swa_rounds):
+        ph.average.add(arrays.to_torch_state_dict())
     due = rnd % fed.eval_every == 0 or rnd == ph.rounds
     if due and ph.name == "classifier" and fed.bn_recalibrate:
         arrays = _recalibrate_bn(grid, ph, fed, rnd, arrays, log)
-    eval_rows = _evaluate_round(grid, ph, fed, rnd, arrays, log) if due else []
+    kept = arrays  # what the sites evaluate and keep: the last round's arrays, or the average across rounds
+    if ph.average is not None and rnd == ph.rounds:
+        log(f"[{ph.name}] the sites keep the mean of rounds {swa.first_round(ph.rounds, fed.swa_rounds)}-{rnd}; "
+            "measuring its batch-norm statistics ...")
+        kept = _recalibrate_bn(grid, ph, fed, rnd, ArrayRecord(ph.average.averaged()), log)
+        _save(run_dir / "server" / f"{ph.name}-kept.pt", kept.to_torch_state_dict())
+    eval_rows = _evaluate_round(grid, ph, fed, rnd, kept, log) if due else []
     log(f"[{ph.name}] round {rnd}/{ph.rounds}: " + _round_line(ph.name, train_rows, eval_rows)
         + f" ({time.perf_counter() - t0:.0f} s)")
     _append_rows(run_dir, train_rows + eval_rows)
@@ -318,6 +335,8 @@ def _run_round(grid: Grid, run_dir: Path, ph: _Phase, fed: cfgmod.FederatedConfi
         _save(ph.opt_file, ph.strategy.state())
     if ph.control is not None:
         _save(ph.control_file, ph.control)
+    if ph.average is not None:
+        _save(ph.average_file, ph.average.state())
     state.mark(ph.name, rnd, time.perf_counter() - t0)
     return arrays
 
