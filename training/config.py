@@ -74,6 +74,9 @@ class ClassifierConfig:
     ``gate_balance`` > 0 adds ``gate_balance`` * (log K - H(batch-mean gate)):
     a load-balancing term that keeps every expert in use at every site (the
     entropy term acts per scan and lets a site route all its scans to one expert).
+    ``decorrelation`` > 0 adds ``decorrelation`` * the mean squared off-diagonal correlation of each
+    expert's pooled features over the batch (FedDecorr, Shi et al., ICLR 2023: against the dimensional
+    collapse that training on one site's label mix causes).
     ``augment_kwargs``: keyword arguments of the training augmentation (:class:`training.data.augment.Augment`:
     ``max_degrees``, ``p_hflip``, ``p_vflip``, ``brightness``, ``scale``, ``translate``, ``noise``); empty:
     the paper's rotations, flips and brightness.
@@ -92,6 +95,7 @@ class ClassifierConfig:
     norm_groups: int = 8
     logit_adjust: float = 0.0
     gate_balance: float = 0.0
+    decorrelation: float = 0.0
     augment_kwargs: dict = field(default_factory=dict)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -104,6 +108,8 @@ class ClassifierConfig:
             raise UsageError(f"classifier logit_adjust must be >= 0, got {self.logit_adjust}")
         if self.gate_balance < 0:
             raise UsageError(f"classifier gate_balance must be >= 0, got {self.gate_balance}")
+        if self.decorrelation < 0:
+            raise UsageError(f"classifier decorrelation must be >= 0, got {self.decorrelation}")
         self.make_augment()  # refuses unknown keys and out-of-range values here, not at the first batch
 
     def make_augment(self):

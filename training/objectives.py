@@ -32,8 +32,24 @@ def gate_imbalance(w: torch.Tensor) -> torch.Tensor:
     return math.log(w.shape[1]) + (mean * mean.clamp_min(1e-12).log()).sum()
 
 
+def feature_correlation(f: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Mean squared off-diagonal entry of the correlation matrix of features ``f [N, F]`` over the batch.
+
+    FedDecorr's regulariser (Shi et al., ICLR 2023): 0 when the feature
+    dimensions are uncorrelated over the batch, 1 when they are all one
+    dimension (collapse). A batch of one scan has no correlation: 0.
+    """
+    n, d = f.shape
+    if n < 2 or d < 2:
+        return f.new_zeros(())
+    z = (f - f.mean(0, keepdim=True)) / (f.var(0, keepdim=True, unbiased=False) + eps).sqrt()
+    corr = z.T @ z / n
+    off = corr - torch.diag_embed(torch.diagonal(corr))
+    return off.pow(2).sum() / (d * (d - 1))
+
+
 def moe_loss(model: MixtureOfExperts, x: torch.Tensor, y: torch.Tensor, beta: float, gamma: float,
-             log_prior: torch.Tensor | None = None, balance: float = 0.0):
+             log_prior: torch.Tensor | None = None, balance: float = 0.0, decorrelation: float = 0.0):
     """Paper Eq. 9: CE of the mixture + beta * L2(gate params) + gamma * entropy(gate weights).
 
     ``log_prior`` ([C], already scaled by the adjustment strength): logit
@@ -51,9 +67,15 @@ def moe_loss(model: MixtureOfExperts, x: torch.Tensor, y: torch.Tensor, beta: fl
     loss = ce + beta * gate_l2(model) + gamma * entropy
     if balance > 0:
         loss = loss + balance * imbalance
+    metrics = {}
+    if decorrelation > 0:  # each expert's features, separately: the experts share nothing
+        feats = out["features"]
+        decorr = torch.stack([feature_correlation(feats[:, k]) for k in range(feats.shape[1])]).mean()
+        loss = loss + decorrelation * decorr
+        metrics["decorrelation"] = decorr.item()
     acc = (out["log_probs"].argmax(1) == y).float().mean()
     return loss, {"ce": ce.item(), "gate_entropy": entropy.item(), "gate_imbalance": imbalance.item(),
-                  "acc": acc.item()}
+                  "acc": acc.item(), **metrics}
 
 
 def mae_loss(model: MaskedAutoencoder, x: torch.Tensor, mask: torch.Tensor):
@@ -76,9 +98,10 @@ class ClassifierObjective:
     gamma: float
     log_prior: torch.Tensor | None = None
     balance: float = 0.0
+    decorrelation: float = 0.0
 
     def __call__(self, model, x, y, generator):
-        return moe_loss(model, x, y, self.beta, self.gamma, self.log_prior, self.balance)
+        return moe_loss(model, x, y, self.beta, self.gamma, self.log_prior, self.balance, self.decorrelation)
 
 
 def adjusted_log_prior(labels, num_classes: int, strength: float) -> torch.Tensor | None:
@@ -125,7 +148,7 @@ class DenoiserObjective:
 def make_objective(component: str, profile):
     if component == "classifier":
         c = profile.classifier
-        return ClassifierObjective(c.beta, c.gamma, balance=c.gate_balance)
+        return ClassifierObjective(c.beta, c.gamma, balance=c.gate_balance, decorrelation=c.decorrelation)
     if component == "detector":
         return DetectorObjective(profile.detector.mask_ratio)
     if component == "denoiser":

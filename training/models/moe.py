@@ -68,7 +68,8 @@ class MixtureOfExperts(nn.Module):
     def forward_all(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Everything the objective needs.
 
-        Returns ``log_probs [N, C]``, ``expert_logits [N, K, C]``, ``gate_weights [N, K]``.
+        Returns ``log_probs [N, C]``, ``expert_logits [N, K, C]``, ``gate_weights [N, K]``, and the experts'
+        pooled backbone features ``features [N, K, F]``.
         """
         x = self.normalize(x)
         feats, logits = zip(*(e(x) for e in self.experts))
@@ -80,7 +81,8 @@ class MixtureOfExperts(nn.Module):
         else:
             gate_weights = torch.cat([g(psi) for g in self.gates], 1).softmax(1)  # [N, K]
         log_probs = torch.logsumexp(expert_logits.log_softmax(-1) + gate_weights.clamp_min(1e-12).log()[..., None], 1)
-        return {"log_probs": log_probs, "expert_logits": expert_logits, "gate_weights": gate_weights}
+        return {"log_probs": log_probs, "expert_logits": expert_logits, "gate_weights": gate_weights,
+                "features": feats}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_all(x)["log_probs"]
