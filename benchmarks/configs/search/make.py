@@ -54,8 +54,6 @@ RECIPES = {
                      "federated": {"server_opt": "fedadam", "server_lr": 0.03, "server_momentum": 0.9}},
     "la-avgm-bs8-dc1": {"classifier": {"logit_adjust": 1.0, "decorrelation": 1.0}, "classifier.optim": {"batch_size": 8},
                         "federated": {"server_opt": "fedavgm", "server_momentum": 0.5}},
-    "la-avgm-bs8-dc4": {"classifier": {"logit_adjust": 1.0, "decorrelation": 4.0}, "classifier.optim": {"batch_size": 8},
-                        "federated": {"server_opt": "fedavgm", "server_momentum": 0.5}},
     "la-yogi-bs8": {"classifier": {"logit_adjust": 1.0}, "classifier.optim": {"batch_size": 8},
                     "federated": {"server_opt": "fedyogi", "server_lr": 0.01, "server_momentum": 0.9}},
 }
